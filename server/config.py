@@ -1,0 +1,95 @@
+"""Configuration dataclasses: one per concern, each validated in __post_init__.
+
+ModelConfig says which weights to load and how to hold them; EngineConfig sizes the KV
+cache and the scheduler; ServerConfig is the gRPC edge. SamplingParams belong to one request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+QUANTIZE_CHOICES = ("nf4", "int8", "none")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass
+class ModelConfig:
+    # None = the embedded SmolLM2-135M-Instruct GGUF. Otherwise a local Hugging Face model
+    # directory (config.json + safetensors) or a .gguf file.
+    model: str | None = None
+    quantize: str = "nf4"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 0  # 0 = derive from max_model_len * max_num_seqs
+    max_num_seqs: int = 32  # running sequences per step
+    max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
+    max_model_len: int = 2048  # prompt + generated tokens of one sequence
+    default_max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "default_max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_blocks < 0:
+            raise ValueError("num_blocks must be >= 0")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode token per sequence)")
+        if self.num_blocks == 0:
+            per_seq = -(-self.max_model_len // self.block_size)
+            self.num_blocks = per_seq * min(self.max_num_seqs, 8) + per_seq
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_workers: int = 32  # gRPC handler threads
+    adapter_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.port < 65536):
+            raise ValueError(f"port out of range: {self.port}")
+        if self.max_workers <= 0:
+            raise ValueError("max_workers must be positive")
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off, 1 = greedy
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1

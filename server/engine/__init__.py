@@ -1,0 +1,1 @@
+"""The engine: sequences, paged KV block manager, scheduler, runner, sampler, output."""

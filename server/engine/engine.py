@@ -1,0 +1,215 @@
+"""The engine: continuous batching over the paged KV cache, one background thread.
+
+Contract: `Engine.submit(prompt_ids, params, adapter) -> RequestHandle` is thread-safe and
+validates at once (ValueError for bad input). The engine thread loops: take new requests
+and cancellations, `Scheduler.schedule()`, run one forward pass over every scheduled
+sequence (prefill chunks and decodes together), sample, stream `Event`s to each handle.
+Requests join and leave the running batch at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from quiver.server.config import EngineConfig, SamplingParams
+from quiver.server.engine.block_manager import BlockManager
+from quiver.server.engine.output import Detokenizer
+from quiver.server.engine.runner import ModelRunner
+from quiver.server.engine.sampler import make_generator, sample
+from quiver.server.engine.scheduler import Scheduler
+from quiver.server.engine.sequence import Sequence
+from quiver.server.loader import LoadedModel
+from quiver.server.model import KVCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """A chunk of one request's output; the last one has finish_reason (or error) set."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate events, or `result()` for the whole answer."""
+
+    def __init__(self, engine: "Engine", seq: Sequence):
+        self.engine = engine
+        self.seq = seq
+        self.events: queue.Queue[Event] = queue.Queue()
+
+    def __iter__(self):
+        while True:
+            ev = self.events.get()
+            yield ev
+            if ev.finish_reason is not None or ev.error is not None:
+                return
+
+    def result(self) -> Event:
+        total = Event()
+        for ev in self:
+            total.text += ev.text
+            total.token_ids += ev.token_ids
+            total.finish_reason, total.error = ev.finish_reason, ev.error
+            total.prompt_tokens, total.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+        return total
+
+    def cancel(self) -> None:
+        self.engine.cancel(self)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig | None = None, adapters=None):
+        self.loaded = loaded
+        self.cfg = cfg or EngineConfig()
+        self.tokenizer = loaded.tokenizer
+        self.eos_ids = set(loaded.eos_token_ids)
+        m = loaded.model
+        self.kv = KVCache(m.n_layers, self.cfg.num_blocks, self.cfg.block_size, m.n_kv_heads, m.head_dim,
+                          loaded.dtype, loaded.device)
+        self.blocks = BlockManager(self.cfg.num_blocks, self.cfg.block_size)
+        self.scheduler = Scheduler(self.cfg, self.blocks)
+        self.runner = ModelRunner(m, self.kv, self.blocks, loaded.device)
+        self.adapters = adapters  # quiver.adapters manager, or None
+        self._handles: dict[int, RequestHandle] = {}
+        self._detok: dict[int, Detokenizer] = {}
+        self._gens: dict[int, torch.Generator] = {}
+        self._inbox: list[tuple[str, RequestHandle]] = []
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0
+
+    # ---- caller side (any thread) ----
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter=None, tenant: str = "") -> RequestHandle:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        limit = self.cfg.max_model_len
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context holds {limit} (prompt + at least one new token)")
+        room = limit - len(prompt_ids)
+        if params.max_new_tokens > room:
+            params = SamplingParams(**{**params.__dict__, "max_new_tokens": room})
+        seq = Sequence(list(prompt_ids), params, adapter=adapter, tenant=tenant)
+        handle = RequestHandle(self, seq)
+        with self._cv:
+            self._inbox.append(("add", handle))
+            self._cv.notify()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        with self._cv:
+            self._inbox.append(("cancel", handle))
+            self._cv.notify()
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for handle in list(self._handles.values()):
+            self._finish(handle, None, error="server shutting down")
+
+    # ---- engine thread ----
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._inbox and not self.scheduler.has_work():
+                    self._cv.wait()
+                if self._stop:
+                    return
+                inbox, self._inbox = self._inbox, []
+            self._take(inbox)
+            if self.scheduler.has_work():
+                self.step()
+
+    def _take(self, inbox: list[tuple[str, RequestHandle]]) -> None:
+        for kind, handle in inbox:
+            seq = handle.seq
+            if kind == "add":
+                self._handles[seq.request_id] = handle
+                self._detok[seq.request_id] = Detokenizer(self.tokenizer, seq.params.stop)
+                self._gens[seq.request_id] = make_generator(seq.params.seed)
+                if self.adapters is not None:
+                    self.adapters.acquire(seq)
+                self.scheduler.add(seq)
+            elif seq.request_id in self._handles:
+                self._finish(handle, "cancelled")
+
+    def step(self) -> None:
+        """One forward pass over everything the scheduler picks; run on the engine thread."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.running or not self.scheduler.waiting:
+                return
+            # nothing fits even with an empty batch: refuse the head of the queue
+            handle = self._handles[self.scheduler.waiting[0].request_id]
+            self._finish(handle, None, error="request does not fit in the KV cache")
+            return
+        self.steps += 1
+        try:
+            adapter_batch = prefix = None
+            if self.adapters is not None:
+                adapter_batch, prefix = self.adapters.prepare(scheduled)
+            logits = self.runner.run(scheduled, adapter_batch, prefix)
+        except Exception as exc:  # a failed step fails its requests, never the server
+            log.exception("engine step failed")
+            for item in scheduled:
+                self._finish(self._handles[item.seq.request_id], None, error=f"internal error: {exc}")
+            return
+        sampling = []
+        for item in scheduled:
+            seq = item.seq
+            seq.num_computed += item.num_tokens
+            if seq.num_computed == seq.num_tokens:
+                sampling.append(seq)
+        tokens = sample(logits, [s.params for s in sampling], [self._gens[s.request_id] for s in sampling])
+        for seq, token in zip(sampling, tokens):
+            self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        handle = self._handles[seq.request_id]
+        detok = self._detok[seq.request_id]
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.output_ids.append(token)
+        is_eos = token in self.eos_ids and not seq.params.ignore_eos
+        text = "" if is_eos else detok.push(token)
+        if is_eos or detok.stopped:
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_new_tokens:
+            reason = "length"
+        else:
+            handle.events.put(Event(text=text, token_ids=[token]))
+            return
+        handle.events.put(Event(text=text + detok.flush(), token_ids=[token]))
+        self._finish(handle, reason)
+
+    def _finish(self, handle: RequestHandle, reason: str | None, error: str | None = None) -> None:
+        seq = handle.seq
+        if seq.request_id not in self._handles:
+            return
+        self.scheduler.finish(seq, reason or "error")
+        if self.adapters is not None:
+            self.adapters.release(seq)
+        del self._handles[seq.request_id], self._detok[seq.request_id], self._gens[seq.request_id]
+        handle.events.put(Event(finish_reason=reason, error=error, prompt_tokens=len(seq.prompt_ids),
+                                completion_tokens=len(seq.output_ids)))

@@ -1,0 +1,47 @@
+"""Incremental detokenization and stop conditions for one sequence.
+
+`Detokenizer.push(token)` returns the newly final text (held back while it could still be
+the start of a stop string or an incomplete UTF-8 character) and whether a stop string was
+hit; on a hit the text is cut before the stop string. Special tokens are not rendered.
+"""
+
+from __future__ import annotations
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.ids: list[int] = []
+        self.text = ""  # full decoded text so far (cut at a stop string once hit)
+        self.emitted = 0  # chars of self.text already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s)))
+            if at != -1:
+                self.text = self.text[:at]
+                self.stopped = True
+        return self._take(final=self.stopped)
+
+    def flush(self) -> str:
+        """All text not yet emitted (at the end of the sequence)."""
+        return self._take(final=True)
+
+    def _take(self, final: bool) -> str:
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):
+                end -= 1  # an incomplete multi-byte character: wait for its next token
+            for s in self.stop:  # hold back a suffix that may grow into a stop string
+                for k in range(min(len(s) - 1, end - self.emitted), 0, -1):
+                    if self.text[end - k:end] == s[:k]:
+                        end -= k
+                        break
+        end = max(end, self.emitted)
+        chunk = self.text[self.emitted:end]
+        self.emitted = end
+        return chunk

@@ -1,0 +1,72 @@
+"""Builds the step's StepBatch from the scheduled sequences and runs the model.
+
+Contract: `ModelRunner.run(scheduled, adapters) -> logits [N, vocab]` for the N sequences
+whose scheduled chunk reaches their last known token (those sample a token this step), in
+the order of `scheduled`. Index tensors are built once per step on the model's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quiver.server.engine.block_manager import BlockManager
+from quiver.server.engine.scheduler import Scheduled
+from quiver.server.model import KVCache, LlamaForward, StepBatch
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForward, kv: KVCache, blocks: BlockManager, device: torch.device):
+        self.model = model
+        self.kv = kv
+        self.blocks = blocks
+        self.device = device
+
+    def build(self, scheduled: list[Scheduled], adapters=None, prefix_slots: list[list[int]] | None = None) -> StepBatch:
+        """prefix_slots[i]: KV slots of sequence i's shared prefix (prefix tuning), or []."""
+        ids, pos, slots, samples = [], [], [], []
+        q_rows, kv_rows, q_lens, ctx_lens = [], [], [], []
+        for i, item in enumerate(scheduled):
+            seq, n = item.seq, item.num_tokens
+            start = seq.num_computed
+            tokens = seq.tokens
+            base = len(ids)
+            pre = prefix_slots[i] if prefix_slots else []
+            for p in range(start, start + n):
+                ids.append(tokens[p])
+                pos.append(p + seq.prefix_len)
+                slots.append(self.blocks.slot(seq, p))
+            q_rows.append(list(range(base, base + n)))
+            kv_rows.append(pre + [self.blocks.slot(seq, p) for p in range(start + n)])
+            q_lens.append(n)
+            ctx_lens.append((len(pre), start))
+            if start + n == seq.num_tokens:
+                samples.append(base + n - 1)
+        T, B = len(ids), len(scheduled)
+        q_max = max(q_lens)
+        l_max = max(len(r) for r in kv_rows)
+        q_gather = torch.full((B, q_max), T, dtype=torch.long)
+        kv_gather = torch.zeros((B, l_max), dtype=torch.long)
+        mask = torch.zeros((B, 1, q_max, l_max), dtype=torch.bool)
+        out_scatter = torch.empty(T, dtype=torch.long)
+        for b in range(B):
+            n, (n_pre, start) = q_lens[b], ctx_lens[b]
+            q_gather[b, :n] = torch.tensor(q_rows[b])
+            kv_gather[b, : len(kv_rows[b])] = torch.tensor(kv_rows[b])
+            out_scatter[q_rows[b]] = torch.arange(n) + b * q_max
+            # query i sits at cache position n_pre + start + i and sees keys 0 .. that position
+            limit = n_pre + start + torch.arange(n) + 1  # [n]
+            mask[b, 0, :n] = torch.arange(l_max)[None, :] < limit[:, None]
+            mask[b, 0, n:, 0] = True  # padding rows attend to one key so softmax stays finite
+        dev = self.device
+        return StepBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            q_gather=q_gather.to(dev), out_scatter=out_scatter.to(dev), kv_gather=kv_gather.to(dev),
+            attn_mask=mask.to(dev), sample_index=torch.tensor(samples, dtype=torch.long, device=dev),
+            adapters=adapters,
+        )
+
+    def run(self, scheduled: list[Scheduled], adapters=None, prefix_slots=None) -> torch.Tensor:
+        batch = self.build(scheduled, adapters, prefix_slots)
+        return self.model(batch, self.kv)

@@ -1,0 +1,88 @@
+"""Iteration-level scheduler: which sequences run this step, and how many tokens each.
+
+Every step: running sequences first (decodes take 1 token, unfinished prefills their next
+chunk), then waiting sequences in arrival order while the token budget, the running-seq cap
+and the KV blocks allow. Long prompts are cut into chunks of at most the remaining budget
+(chunked prefill), so prefills and decodes share a step. When a running sequence cannot grow,
+the most recently admitted running sequence is preempted: `preempt(seq)` frees its blocks and
+puts it back at the head of the waiting queue to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from quiver.server.config import EngineConfig
+from quiver.server.engine.block_manager import BlockManager
+from quiver.server.engine.sequence import Sequence, Status
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_tokens: int  # tokens of seq computed this step, starting at seq.num_computed
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager):
+        self.cfg = cfg
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Removes seq from either queue and frees its blocks."""
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.cfg.max_num_batched_tokens
+        out: list[Scheduled] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed, budget)
+            if n == 0:
+                continue
+            while not self.blocks.can_allocate(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.blocks.allocate(seq, seq.num_computed + n)
+            out.append(Scheduled(seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_computed + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append(Scheduled(seq, n))
+            budget -= n
+        return out

@@ -1,0 +1,58 @@
+"""One request's state inside the engine: its tokens, KV blocks and progress.
+
+`num_computed` counts tokens whose keys/values are in the KV cache. A step schedules the
+next `n` uncomputed tokens (a prefill chunk, or 1 for a decode); when all known tokens are
+computed, the step samples the next token from the last one's logits.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from quiver.server.config import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: Any = None  # resolved adapter handle (quiver.adapters), None = base model
+    tenant: str = ""
+    request_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    # Extra leading positions the adapter occupies (prefix tuning's virtual tokens).
+    prefix_len: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

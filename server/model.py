@@ -1,0 +1,175 @@
+"""Quiver's own forward pass for Llama-family decoders (Llama, Mistral, Qwen2, SmolLM2).
+
+Contract: `LlamaForward.forward(batch, kv)` takes one StepBatch (flat tokens of every
+scheduled sequence: prefill chunks and decodes together) and the paged KV cache, writes the
+new keys/values into their cache slots, and returns logits only at `batch.sample_index`
+([num_samples, vocab], float32). No HF `generate`, no HF cache: attention reads the paged
+cache through per-step gather indices built once in the StepBatch.
+
+Each projection is `base(x)` (nn.Linear, or a bitsandbytes NF4/int8 module) followed by an
+optional adapter hook `batch.adapters.linear(layer, name, x, y)` that adds the batched
+adapter deltas of the step (see quiver.adapters). With no adapters the hook is skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterHook(Protocol):
+    """What the model asks of the step's adapter batch (implemented in quiver.adapters)."""
+
+    def linear(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def input_embeds(self, embeds: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class StepBatch:
+    """Per-step metadata, built once per step by the runner and read by every layer.
+
+    Running example: two sequences, A decoding its 6th token, B prefilling 3 prompt tokens.
+    T = 4 flat tokens [A5, B0, B1, B2]; B = 2 rows; Qmax = 3; Lmax = 6.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, flat KV-cache slot written by each token
+    q_gather: torch.Tensor  # [B, Qmax] int64, flat token index of row b, query i (T = padding)
+    out_scatter: torch.Tensor  # [T] int64, index of token t in the flattened [B*Qmax] rows
+    kv_gather: torch.Tensor  # [B, Lmax] int64, cache slot of row b, key j (0 = padding)
+    attn_mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = may attend
+    sample_index: torch.Tensor  # [N] int64, flat tokens whose logits are returned
+    adapters: AdapterHook | None = None
+
+
+class KVCache:
+    """Paged KV cache: per layer, keys and values of every block, flat by slot.
+
+    k[layer] and v[layer] are [num_blocks * block_size, n_kv_heads, head_dim]; token slot
+    s = block_id * block_size + offset. The block manager hands out block ids.
+    """
+
+    def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks * block_size, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as HF LlamaRMSNorm: normalise in fp32, scale in the model dtype.
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: attention with GQA and rotary, then SwiGLU MLP."""
+
+    def __init__(self, index: int, projections: dict[str, nn.Module], input_norm: torch.Tensor,
+                 post_norm: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.index = index
+        self.proj = nn.ModuleDict(projections)
+        self.input_norm = nn.Parameter(input_norm, requires_grad=False)
+        self.post_norm = nn.Parameter(post_norm, requires_grad=False)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.eps = n_heads, n_kv_heads, head_dim, eps
+
+    def linear(self, name: str, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        y = self.proj[name](x)
+        if batch.adapters is not None:
+            y = batch.adapters.linear(self.index, name, x, y)
+        return y
+
+    def forward(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        T = h.shape[0]
+        x = rms_norm(h, self.input_norm, self.eps)
+        q = self.linear("q_proj", x, batch).view(T, self.n_heads, self.head_dim)
+        k = self.linear("k_proj", x, batch).view(T, self.n_kv_heads, self.head_dim)
+        v = self.linear("v_proj", x, batch).view(T, self.n_kv_heads, self.head_dim)
+        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        kv.k[self.index][batch.slot_mapping] = k
+        kv.v[self.index][batch.slot_mapping] = v
+        attn = paged_attention(q, kv.k[self.index], kv.v[self.index], batch)
+        h = h + self.linear("o_proj", attn, batch)
+        x = rms_norm(h, self.post_norm, self.eps)
+        act = F.silu(self.linear("gate_proj", x, batch)) * self.linear("up_proj", x, batch)
+        return h + self.linear("down_proj", act, batch)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached keys/values.
+
+    q [T, H, D]; k_cache/v_cache [slots, KVH, D] -> [T, H*D].
+    Pseudo-code: for each row b: keys = cache[kv_gather[b]]; out = softmax(q k^T / sqrt(D)
+    masked by attn_mask[b]) v. Rows are padded to Qmax x Lmax and run as one SDPA call.
+    """
+    T, H, D = q.shape
+    B, Qmax = batch.q_gather.shape
+    q_pad = torch.cat([q, q.new_zeros(1, H, D)])[batch.q_gather]  # [B, Qmax, H, D]
+    k = k_cache[batch.kv_gather]  # [B, Lmax, KVH, D]
+    v = v_cache[batch.kv_gather]
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=batch.attn_mask, enable_gqa=True,
+    )  # [B, H, Qmax, D]
+    out = out.transpose(1, 2).reshape(B * Qmax, H * D)
+    return out[batch.out_scatter]
+
+
+class LlamaForward(nn.Module):
+    """The decoder stack: embeddings, layers, final norm, LM head, rotary tables."""
+
+    def __init__(self, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor, lm_head: torch.Tensor,
+                 rotary: nn.Module, eps: float):
+        super().__init__()
+        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.Parameter(norm, requires_grad=False)
+        self.lm_head = nn.Parameter(lm_head, requires_grad=False)  # may share storage with embed
+        self.rotary = rotary
+        self.eps = eps
+        first = layers[0]
+        self.n_heads, self.n_kv_heads, self.head_dim = first.n_heads, first.n_kv_heads, first.head_dim
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # The model's own rotary module (HF) computes cos/sin for any rope_type it supports.
+        probe = torch.empty(0, dtype=dtype, device=positions.device)
+        cos, sin = self.rotary(probe, positions[None])
+        return cos[0], sin[0]  # [T, D]
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        h = F.embedding(batch.input_ids, self.embed)
+        if batch.adapters is not None:
+            h = batch.adapters.input_embeds(h)
+        cos, sin = self.rotary_tables(batch.positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, batch, kv, cos, sin)
+        h = rms_norm(h[batch.sample_index], self.norm, self.eps)
+        return F.linear(h, self.lm_head).float()
