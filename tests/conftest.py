@@ -8,6 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU; set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
@@ -57,3 +59,39 @@ def run_to_completion(engine) -> None:
         if not engine.scheduler.has_work():
             return
         engine.step()
+
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer needing no files: whitespace words w0 .. w{V-1}; <s>=1, </s>=2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model_dir(tmp_path, kind: str, tokenizer=None, **overrides) -> str:
+    """Writes a small random Llama/Qwen2/Mistral with safetensors (and a tokenizer) to tmp_path/kind."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "mistral": (MistralConfig, MistralForCausalLM)}
+    cfg_cls, model_cls = classes[kind]
+    torch.manual_seed(0)
+    cfg = {**TINY, **overrides}
+    model = model_cls(cfg_cls(**cfg, eos_token_id=2, bos_token_id=1))
+    with torch.no_grad():  # larger weights than the default init so the output is not flat
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    out = tmp_path / kind
+    model.save_pretrained(out, safe_serialization=True)
+    (tokenizer or word_tokenizer(cfg["vocab_size"])).save_pretrained(out)
+    return str(out)
