@@ -50,7 +50,7 @@ class Server:
         if self.loaded is None:
             self.loaded = load_model(self.model_cfg)
         adapters = self._adapters()
-        self.engine = Engine(self.loaded, self.engine_cfg, adapters=getattr(adapters, "engine_side", None))
+        self.engine = Engine(self.loaded, self.engine_cfg, adapters=adapters)
         self.engine.start()
         self.service.adapters = adapters
         self.service.engine = self.engine
@@ -60,9 +60,18 @@ class Server:
         return self.port
 
     def _adapters(self):
-        if not self.server_cfg.adapter_dir:
+        cfg = self.server_cfg
+        if not cfg.adapter_dir:
             return None
-        raise NotImplementedError("adapter serving is not available yet")
+        from quiver.adapters.base import BaseSpec
+        from quiver.adapters.manager import AdapterConfig, AdapterManager
+
+        loaded = self.loaded
+        manager = AdapterManager(AdapterConfig(cfg.adapter_dir, num_slots=cfg.adapter_slots, max_rank=cfg.max_rank),
+                                 BaseSpec.from_model(loaded.model), loaded.name, loaded.dtype, loaded.device)
+        log.info("adapters: %d found under %s; %d slots, max rank %d", len(manager.ids()), cfg.adapter_dir,
+                 cfg.adapter_slots, cfg.max_rank)
+        return manager
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.enter_graceful_shutdown()

@@ -26,6 +26,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--adapter-dir", default=None, help="serve every adapter directory under DIR by its folder name")
+    p.add_argument("--adapter-slots", type=int, default=16, help="adapters resident on the accelerator at once")
+    p.add_argument("--max-rank", type=int, default=64, help="largest LoRA / bottleneck rank accepted")
     p.add_argument("--max-num-seqs", type=int, default=32, help="running sequences per step")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + new tokens per sequence")
@@ -35,9 +37,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     from quiver.server.app import Server
+    from quiver.adapters.files import AdapterError
     from quiver.server.loader import ModelLoadError
 
-    server_cfg = ServerConfig(host=args.host, port=args.port, adapter_dir=args.adapter_dir)
+    server_cfg = ServerConfig(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
+                              adapter_slots=args.adapter_slots, max_rank=args.max_rank)
     model_cfg = ModelConfig(model=args.model, quantize=args.quantize, dtype=args.dtype, device=args.device)
     engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
@@ -47,7 +51,7 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: done.set())
     try:
         port = server.start()
-    except ModelLoadError as exc:
+    except (ModelLoadError, AdapterError) as exc:
         print(f"quiver: {exc}", file=sys.stderr)
         server.stop(0)
         return 2

@@ -60,8 +60,12 @@ class ServerConfig:
     port: int = 50051
     max_workers: int = 32  # gRPC handler threads
     adapter_dir: str | None = None
+    adapter_slots: int = 16  # adapters resident on the accelerator at once
+    max_rank: int = 64  # largest LoRA / bottleneck rank accepted
 
     def __post_init__(self) -> None:
+        if self.adapter_slots <= 0 or self.max_rank <= 0:
+            raise ValueError("adapter_slots and max_rank must be positive")
         if not (0 <= self.port < 65536):
             raise ValueError(f"port out of range: {self.port}")
         if self.max_workers <= 0:

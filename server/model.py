@@ -26,6 +26,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 class AdapterHook(Protocol):
     """What the model asks of the step's adapter batch (implemented in quiver.adapters)."""
 
+    def pre_linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor: ...
+
     def linear(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
     def input_embeds(self, embeds: torch.Tensor) -> torch.Tensor: ...
@@ -95,10 +97,10 @@ class DecoderLayer(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim, self.eps = n_heads, n_kv_heads, head_dim, eps
 
     def linear(self, name: str, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        y = self.proj[name](x)
-        if batch.adapters is not None:
-            y = batch.adapters.linear(self.index, name, x, y)
-        return y
+        if batch.adapters is None:
+            return self.proj[name](x)
+        x = batch.adapters.pre_linear(self.index, name, x)
+        return batch.adapters.linear(self.index, name, x, self.proj[name](x))
 
     def forward(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import logging
 
 import grpc
 
+from quiver.adapters.files import AdapterError
 from quiver.server.engine.engine import Engine, Event
 from quiver.server.pb import quiver_pb2 as pb
 from quiver.server.pb import quiver_pb2_grpc as pb_grpc
@@ -40,6 +41,8 @@ class QuiverService(pb_grpc.QuiverServicer):
             prompt_ids = encode_prompt(self.engine.tokenizer, inp)
             handle = self.engine.submit(prompt_ids, inp.params, adapter=adapter)
         except (InvalidRequest, ValueError) as exc:
+            if isinstance(exc, AdapterError):
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"adapter cannot be served: {exc}")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except AdapterNotFound as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
@@ -105,6 +108,8 @@ class QuiverService(pb_grpc.QuiverServicer):
             return info_to_proto(self.adapters.info(request.adapter_id))
         except KeyError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+        except AdapterError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
     def DeleteAdapter(self, request, context):
         self._unimplemented(context, "DeleteAdapter")

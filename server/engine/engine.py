@@ -80,9 +80,11 @@ class Engine:
         self.kv = KVCache(m.n_layers, self.cfg.num_blocks, self.cfg.block_size, m.n_kv_heads, m.head_dim,
                           loaded.dtype, loaded.device)
         self.blocks = BlockManager(self.cfg.num_blocks, self.cfg.block_size)
-        self.scheduler = Scheduler(self.cfg, self.blocks)
+        self.adapters = adapters  # quiver.adapters.manager.AdapterManager, or None
+        self.scheduler = Scheduler(self.cfg, self.blocks, admit=adapters.admit if adapters is not None else None)
+        if adapters is not None:
+            adapters.bind(self)
         self.runner = ModelRunner(m, self.kv, self.blocks, loaded.device)
-        self.adapters = adapters  # quiver.adapters manager, or None
         self._handles: dict[int, RequestHandle] = {}
         self._detok: dict[int, Detokenizer] = {}
         self._gens: dict[int, torch.Generator] = {}
@@ -211,5 +213,5 @@ class Engine:
         if self.adapters is not None:
             self.adapters.release(seq)
         del self._handles[seq.request_id], self._detok[seq.request_id], self._gens[seq.request_id]
-        handle.events.put(Event(finish_reason=reason, error=error, prompt_tokens=len(seq.prompt_ids),
+        handle.events.put(Event(finish_reason=reason, error=error, prompt_tokens=len(seq.prompt_ids) - seq.virtual_tokens,
                                 completion_tokens=len(seq.output_ids)))

@@ -25,8 +25,9 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, blocks: BlockManager):
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager, admit=None):
         self.cfg = cfg
+        self.admit = admit  # admit(seq) -> bool: can seq's adapter be made resident now?
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -78,6 +79,8 @@ class Scheduler:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
+                break
+            if self.admit is not None and not self.admit(seq):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed + n)

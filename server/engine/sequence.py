@@ -40,6 +40,9 @@ class Sequence:
     first_token_time: float | None = None
     # Extra leading positions the adapter occupies (prefix tuning's virtual tokens).
     prefix_len: int = 0
+    # Placeholder tokens at the head of prompt_ids (prompt tuning's soft prompt).
+    virtual_tokens: int = 0
+    slot: int | None = None  # adapter slot while resident and pinned
 
     @property
     def tokens(self) -> list[int]:

@@ -1,0 +1,80 @@
+"""The step's adapter view: applies every resident adapter of the batch in one pass.
+
+Contract: built once per step from `token_slot` [T] (slot of each flat token, -1 = base
+model); the model calls `pre_linear` / `linear` for every projection and `input_embeds` once.
+Per projection, for the tokens of each slot (one launch per kind, any mix of methods/ranks):
+  x_in = x * in_scale[slot]                               (IA3 feed-forward)
+  y    = W x_in  (+ bias)                                 (base, already computed)
+  y   += scaling[slot] * B[slot] (A[slot] x_in)           (LoRA, rsLoRA, AdaLoRA, DoRA, mixes)
+  y    = y * out_scale[slot] + out_add[slot]              (IA3, DoRA, BitFit)
+  y   += up[slot](act(down[slot] y + bd[slot])) + bu[slot] (bottleneck)
+The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quiver.adapters.bottleneck import ACTIVATIONS
+from quiver.adapters.pool import LowRankStack, SlotPool
+from quiver.kernels import add_by_slot, lora_expand, lora_shrink, scale_by_slot
+
+
+class AdapterBatch:
+    def __init__(self, pool: SlotPool, token_slot: torch.Tensor,
+                 prompt_rows: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.pool = pool
+        self.token_slot = token_slot  # [T] int32
+        self.lookup = token_slot.long() + 1  # index into a stack's present map
+        self.prompt_rows = prompt_rows  # (flat token indices [P], embeddings [P, hidden]) for prompt tuning
+        self.active = set(token_slot[token_slot >= 0].tolist())
+
+    def _slots_for(self, st: LowRankStack) -> torch.Tensor:
+        return st.present[self.lookup]  # [T] int32: slot, or -1 where the slot has nothing here
+
+    def pre_linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        vec = self.pool.in_scale.get((layer, name))
+        if vec is None:
+            return x
+        x = x.clone()
+        return scale_by_slot(x, vec, self.token_slot)
+
+    def linear(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        key = (layer, name)
+        pool = self.pool
+        st = pool.lora.get(key)
+        if st is not None:
+            slots = self._slots_for(st)
+            h = lora_shrink(x, st.a, slots, st.ranks)
+            lora_expand(h, st.b, slots, st.ranks, st.scaling, y)
+        vec = pool.out_scale.get(key)
+        if vec is not None:
+            scale_by_slot(y, vec, self.token_slot)
+        vec = pool.out_add.get(key)
+        if vec is not None:
+            add_by_slot(y, vec, self.token_slot)
+        st = pool.bottleneck.get(key)
+        if st is not None:
+            y = self._bottleneck(st, y)
+        return y
+
+    def _bottleneck(self, st: LowRankStack, y: torch.Tensor) -> torch.Tensor:
+        slots = self._slots_for(st)
+        h = lora_shrink(y, st.a, slots, st.ranks)  # [T, R] fp32: down(y)
+        add_by_slot(h, st.down_bias.float(), slots)
+        for act in {st.acts[s] for s in self.active}:  # usually one activation for the whole batch
+            rows = torch.tensor([st.acts[int(s)] == act if s >= 0 else False for s in slots.tolist()],
+                                device=y.device)
+            h[rows] = ACTIVATIONS[act](h[rows])
+        out = y.clone()
+        lora_expand(h, st.b, slots, st.ranks, st.scaling, out)
+        add_by_slot(out, st.up_bias, slots)
+        return out
+
+    def input_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        if self.prompt_rows is None:
+            return embeds
+        idx, rows = self.prompt_rows
+        embeds = embeds.clone()
+        embeds[idx] = rows.to(embeds.dtype)
+        return embeds

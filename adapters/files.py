@@ -1,0 +1,96 @@
+"""Adapter directories on disk: adapter_config.json + adapter_model.safetensors, nothing else.
+
+`read_adapter_dir` refuses pickled weight files, unreadable JSON, non-float tensors, NaN/Inf;
+`parse_key` maps a PEFT tensor name to (layer, projection, rest); `write_adapter_dir` writes
+atomically (temp dir, then rename), so a crash never leaves a half-written adapter.
+Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quiver.server.model import PROJECTIONS
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+)\.(.+)$")
+
+
+class AdapterError(ValueError):
+    """The adapter cannot be served; the message says why."""
+
+
+def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path} is not a directory")
+    pickled = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise AdapterError(f"refusing non-safetensors weight files {pickled}: convert them to {WEIGHTS_NAME}")
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise AdapterError(f"{path.name}: missing {CONFIG_NAME}")
+    if not w_path.is_file():
+        raise AdapterError(f"{path.name}: missing {WEIGHTS_NAME}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path.name}: {CONFIG_NAME} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path.name}: {CONFIG_NAME} must hold a JSON object")
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise AdapterError(f"{path.name}: {WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterError(f"{path.name}: tensor {name} has dtype {t.dtype}; adapters hold floating point")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{path.name}: tensor {name} holds NaN or Inf")
+    return config, {k: v.float() for k, v in tensors.items()}
+
+
+def parse_key(name: str) -> tuple[int, str, str]:
+    """'base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight' -> (3, 'q_proj', 'lora_A.weight')."""
+    m = KEY_RE.match(name)
+    if m is None:
+        raise AdapterError(f"tensor {name!r} does not name a decoder layer projection")
+    layer, proj, rest = int(m.group(1)), m.group(2), m.group(3)
+    if proj not in PROJECTIONS:
+        raise AdapterError(f"tensor {name!r} targets {proj!r}; the base model has {list(PROJECTIONS)}")
+    return layer, proj, rest
+
+
+def check_layer(layer: int, n_layers: int, name: str) -> None:
+    if layer >= n_layers:
+        raise AdapterError(f"tensor {name!r} targets layer {layer}; the base model has {n_layers} layers")
+
+
+def check_shape(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise AdapterError(f"tensor {name!r} has shape {tuple(t.shape)}; the base model needs {tuple(shape)}")
+
+
+def write_adapter_dir(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

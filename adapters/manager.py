@@ -1,0 +1,199 @@
+"""Adapter store and tiers: disk (every directory under --adapter-dir) -> CPU (LRU of loaded
+AdapterWeights) -> accelerator slots (SlotPool), plus the engine-side hooks.
+
+Service side (gRPC threads): `resolve(id)` / `resolve_mix(parts)` read and validate from disk
+into the CPU tier on the caller's thread, so a cold adapter's disk load never stalls the
+engine; unknown ids raise KeyError (-> NOT_FOUND), invalid files AdapterError.
+Engine side (engine thread): `acquire(seq)` at submission, `admit(seq)` when the scheduler
+wants to start it (copies CPU -> slot, evicting the LRU idle slot; prefix-tuning KV goes into
+shared ref-counted KV blocks), `prepare(scheduled)` builds the step's AdapterBatch,
+`release(seq)` at the end. The number of adapters served is bounded by disk, not by slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quiver.adapters.base import BaseSpec
+from quiver.adapters.batch import AdapterBatch
+from quiver.adapters.files import CONFIG_NAME, AdapterError
+from quiver.adapters.methods import load_adapter
+from quiver.adapters.mix import compose, mix_id
+from quiver.adapters.pool import SlotPool
+from quiver.adapters.weights import AdapterInfo, AdapterWeights
+
+log = logging.getLogger(__name__)
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class AdapterRef:
+    """What a request carries: the id, and the weights already in the CPU tier."""
+
+    adapter_id: str
+    weights: AdapterWeights
+
+
+@dataclass
+class AdapterConfig:
+    adapter_dir: str
+    num_slots: int = 16  # accelerator slots
+    max_rank: int = 64
+    cpu_cache: int = 256  # adapters kept loaded in CPU memory
+
+    def __post_init__(self) -> None:
+        if self.num_slots <= 0 or self.max_rank <= 0 or self.cpu_cache <= 0:
+            raise ValueError("num_slots, max_rank and cpu_cache must be positive")
+
+
+class AdapterManager:
+    def __init__(self, cfg: AdapterConfig, base: BaseSpec, base_name: str, dtype: torch.dtype, device: torch.device):
+        self.cfg = cfg
+        self.root = Path(cfg.adapter_dir)
+        if not self.root.is_dir():
+            raise AdapterError(f"adapter directory {self.root} does not exist")
+        self.base, self.base_name = base, base_name
+        self.pool = SlotPool(base, cfg.num_slots, cfg.max_rank, dtype, device)
+        self.pool.on_evict = self._evicted
+        self.cpu: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self.lock = threading.Lock()
+        self.engine = None
+        self.prefix_blocks: dict[int, list[int]] = {}  # slot -> shared KV blocks
+
+    # ---- service side ----
+    def ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_NAME).is_file() and ID_RE.match(p.name))
+
+    def _weights(self, adapter_id: str) -> AdapterWeights:
+        if not ID_RE.match(adapter_id) or not (self.root / adapter_id / CONFIG_NAME).is_file():
+            raise KeyError(f"adapter {adapter_id!r} not found")
+        with self.lock:
+            if adapter_id in self.cpu:
+                self.cpu.move_to_end(adapter_id)
+                return self.cpu[adapter_id]
+        weights = load_adapter(self.root / adapter_id, self.base, self.cfg.max_rank, self.base_name)
+        for warning in weights.info.warnings:
+            log.warning("adapter %s: %s", adapter_id, warning)
+        with self.lock:
+            self.cpu[adapter_id] = weights
+            while len(self.cpu) > self.cfg.cpu_cache:
+                self.cpu.popitem(last=False)
+        return weights
+
+    def resolve(self, adapter_id: str) -> AdapterRef:
+        return AdapterRef(adapter_id, self._weights(adapter_id))
+
+    def resolve_mix(self, parts: list[tuple[str, float]]) -> AdapterRef:
+        key = mix_id(parts)
+        with self.lock:
+            if key in self.cpu:
+                return AdapterRef(key, self.cpu[key])
+        weights = compose([(self._weights(a), w) for a, w in parts], self.cfg.max_rank)
+        with self.lock:
+            self.cpu[key] = weights
+        return AdapterRef(key, weights)
+
+    def info(self, adapter_id: str) -> AdapterInfo:
+        return self._weights(adapter_id).info
+
+    def list(self) -> list[AdapterInfo]:
+        out = []
+        for adapter_id in self.ids():
+            try:
+                out.append(self.info(adapter_id))
+            except AdapterError as exc:
+                out.append(AdapterInfo(adapter_id, "invalid", warnings=[str(exc)]))
+        return out
+
+    # ---- engine side (engine thread only) ----
+    def bind(self, engine) -> None:
+        self.engine = engine
+
+    def acquire(self, seq) -> None:
+        ref: AdapterRef | None = seq.adapter
+        if ref is None:
+            return
+        if ref.weights.prompt_embeds is not None:  # soft prompt: placeholder tokens ahead of the prompt
+            n = ref.weights.prompt_embeds.shape[0]
+            seq.prompt_ids = [0] * n + seq.prompt_ids
+            seq.virtual_tokens = n
+        if ref.weights.prefix_kv is not None:
+            seq.prefix_len = ref.weights.prefix_kv.shape[2]
+
+    def admit(self, seq) -> bool:
+        """Makes seq's adapter resident in a slot and pins it; False = wait (pool busy)."""
+        ref: AdapterRef | None = seq.adapter
+        if ref is None or seq.slot is not None:
+            return True
+        slot = self.pool.lookup(ref.adapter_id)
+        if slot is None or self.pool.resident.get(slot) is not ref.weights:
+            if not self.pool.can_load() or not self._can_place_prefix(ref.weights):
+                return False
+            slot = self.pool.load(ref.weights)
+            self._place_prefix(slot, ref.weights)
+        self.pool.pin(slot)
+        seq.slot = slot
+        return True
+
+    def release(self, seq) -> None:
+        if seq.slot is not None:
+            self.pool.unpin(seq.slot)
+            seq.slot = None
+
+    def _can_place_prefix(self, w: AdapterWeights) -> bool:
+        if w.prefix_kv is None:
+            return True
+        need = -(-w.prefix_kv.shape[2] // self.engine.blocks.block_size)
+        return self.engine.blocks.can_take(need)
+
+    def _place_prefix(self, slot: int, w: AdapterWeights) -> None:
+        if w.prefix_kv is None:
+            return
+        blocks, kv = self.engine.blocks, self.engine.kv
+        n = w.prefix_kv.shape[2]
+        taken = blocks.take(-(-n // blocks.block_size))
+        self.prefix_blocks[slot] = taken
+        slots = torch.tensor([taken[i // blocks.block_size] * blocks.block_size + i % blocks.block_size
+                              for i in range(n)], device=kv.k[0].device)
+        for layer in range(len(kv.k)):
+            kv.k[layer][slots] = w.prefix_kv[layer, 0].to(kv.k[layer].device, kv.k[layer].dtype)
+            kv.v[layer][slots] = w.prefix_kv[layer, 1].to(kv.v[layer].device, kv.v[layer].dtype)
+
+    def _evicted(self, slot: int, weights: AdapterWeights) -> None:
+        if slot in self.prefix_blocks:
+            self.engine.blocks.release(self.prefix_blocks.pop(slot))
+
+    def prefix_slots(self, seq) -> list[int]:
+        blocks = self.prefix_blocks.get(seq.slot) if seq.slot is not None else None
+        if not blocks:
+            return []
+        bs = self.engine.blocks.block_size
+        return [blocks[i // bs] * bs + i % bs for i in range(seq.prefix_len)]
+
+    def prepare(self, scheduled) -> tuple[AdapterBatch | None, list[list[int]] | None]:
+        if all(item.seq.slot is None for item in scheduled):
+            return None, None
+        slots, prompt_idx, prompt_rows = [], [], []
+        flat = 0
+        for item in scheduled:
+            seq, n = item.seq, item.num_tokens
+            slots += [-1 if seq.slot is None else seq.slot] * n
+            if seq.virtual_tokens and seq.num_computed < seq.virtual_tokens:
+                emb = seq.adapter.weights.prompt_embeds
+                for p in range(seq.num_computed, min(seq.virtual_tokens, seq.num_computed + n)):
+                    prompt_idx.append(flat + p - seq.num_computed)
+                    prompt_rows.append(emb[p])
+            flat += n
+        device = self.pool.device
+        rows = None
+        if prompt_idx:
+            rows = (torch.tensor(prompt_idx, device=device), torch.stack(prompt_rows).to(device))
+        batch = AdapterBatch(self.pool, torch.tensor(slots, dtype=torch.int32, device=device), rows)
+        return batch, [self.prefix_slots(item.seq) for item in scheduled]

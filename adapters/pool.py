@@ -1,0 +1,136 @@
+"""The fixed pool of accelerator slots that resident adapters live in.
+
+Per (layer, projection), stacked tensors indexed by slot, allocated the first time an adapter
+needs them: LoRA A [S, R, in] / B [S, out, R] / ranks [S] / scaling [S]; scale and bias
+vectors [S, dim] (1 and 0 where a slot has none); bottleneck down/up stacks. Ranks are padded
+to R in storage only: kernels loop to each slot's own rank. `slot_map(key)` [S+1] maps a
+token's slot (+1, so -1 = base model) to the slot or -1 when that slot has nothing there.
+Slots are ref-counted by running sequences; `load` evicts the least recently used free slot.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from quiver.adapters.base import BaseSpec
+from quiver.adapters.weights import AdapterWeights, Key
+
+
+@dataclass
+class LowRankStack:
+    a: torch.Tensor  # [S, R, in]
+    b: torch.Tensor  # [S, out, R]
+    ranks: torch.Tensor  # [S] int32 (1 where empty: never read, the slot maps to -1)
+    scaling: torch.Tensor  # [S] float32
+    present: torch.Tensor  # [S+1] int32: slot_map
+    down_bias: torch.Tensor | None = None  # [S, R] (bottleneck)
+    up_bias: torch.Tensor | None = None  # [S, out] (bottleneck)
+    acts: list | None = None  # [S] activation name per slot (bottleneck)
+
+
+class PoolFull(RuntimeError):
+    pass
+
+
+class SlotPool:
+    def __init__(self, base: BaseSpec, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+        self.base, self.S, self.R, self.dtype, self.device = base, num_slots, max_rank, dtype, device
+        self.lora: dict[Key, LowRankStack] = {}
+        self.bottleneck: dict[Key, LowRankStack] = {}
+        self.in_scale: dict[Key, torch.Tensor] = {}
+        self.out_scale: dict[Key, torch.Tensor] = {}
+        self.out_add: dict[Key, torch.Tensor] = {}
+        self.resident: dict[int, AdapterWeights] = {}
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
+        self.refs = [0] * num_slots
+        self.on_evict = None  # callback(slot, weights), e.g. to free prefix KV blocks
+
+    # ---- slot bookkeeping ----
+    def lookup(self, adapter_id: str) -> int | None:
+        slot = self.slot_of.get(adapter_id)
+        if slot is not None:
+            self.slot_of.move_to_end(adapter_id)
+        return slot
+
+    def can_load(self) -> bool:
+        return len(self.slot_of) < self.S or any(self.refs[s] == 0 for s in self.slot_of.values())
+
+    def load(self, weights: AdapterWeights) -> int:
+        if len(self.slot_of) < self.S:
+            slot = next(s for s in range(self.S) if s not in self.resident)
+        else:
+            victim = next((a for a, s in self.slot_of.items() if self.refs[s] == 0), None)
+            if victim is None:
+                raise PoolFull(f"all {self.S} adapter slots are in use by running requests")
+            slot = self.slot_of.pop(victim)
+            self._clear(slot)
+        self._write(slot, weights)
+        self.resident[slot] = weights
+        self.slot_of[weights.info.adapter_id] = slot
+        return slot
+
+    def pin(self, slot: int) -> None:
+        self.refs[slot] += 1
+
+    def unpin(self, slot: int) -> None:
+        assert self.refs[slot] > 0
+        self.refs[slot] -= 1
+
+    # ---- tensors ----
+    def _vec(self, table: dict, key: Key, dim: int, fill: float) -> torch.Tensor:
+        if key not in table:
+            table[key] = torch.full((self.S, dim), fill, dtype=self.dtype, device=self.device)
+        return table[key]
+
+    def _stack(self, table: dict, key: Key, in_f: int, out_f: int, biased: bool) -> LowRankStack:
+        if key not in table:
+            z = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
+            table[key] = LowRankStack(
+                a=z(self.S, self.R, in_f), b=z(self.S, out_f, self.R),
+                ranks=torch.ones(self.S, dtype=torch.int32, device=self.device),
+                scaling=torch.zeros(self.S, dtype=torch.float32, device=self.device),
+                present=torch.full((self.S + 1,), -1, dtype=torch.int32, device=self.device),
+                down_bias=z(self.S, self.R) if biased else None, up_bias=z(self.S, out_f) if biased else None,
+                acts=["relu"] * self.S if biased else None,
+            )
+        return table[key]
+
+    def _write(self, slot: int, w: AdapterWeights) -> None:
+        dev, dt = self.device, self.dtype
+        for key, d in w.lora.items():
+            out_f, in_f = self.base.shapes[key[1]]
+            st = self._stack(self.lora, key, in_f, out_f, biased=False)
+            r = d.rank
+            st.a[slot].zero_(), st.b[slot].zero_()
+            st.a[slot, :r] = d.a.to(dev, dt)
+            st.b[slot, :, :r] = d.b.to(dev, dt)
+            st.ranks[slot], st.scaling[slot], st.present[slot + 1] = r, d.scale, slot
+        for key, bn in w.bottleneck.items():
+            out_f = self.base.shapes[key[1]][0]
+            st = self._stack(self.bottleneck, key, out_f, out_f, biased=True)
+            r = bn.rank
+            st.a[slot].zero_(), st.b[slot].zero_(), st.down_bias[slot].zero_()
+            st.a[slot, :r] = bn.down.to(dev, dt)
+            st.b[slot, :, :r] = bn.up.to(dev, dt)
+            st.down_bias[slot, :r] = bn.down_bias.to(dev, dt)
+            st.up_bias[slot] = bn.up_bias.to(dev, dt)
+            st.ranks[slot], st.scaling[slot], st.present[slot + 1] = r, 1.0, slot
+            st.acts[slot] = bn.act
+        for table, src, fill, dim_of in ((self.in_scale, w.in_scale, 1.0, 1), (self.out_scale, w.out_scale, 1.0, 0),
+                                         (self.out_add, w.out_add, 0.0, 0)):
+            for key, vec in src.items():
+                self._vec(table, key, self.base.shapes[key[1]][dim_of], fill)[slot] = vec.to(dev, dt)
+
+    def _clear(self, slot: int) -> None:
+        old = self.resident.pop(slot)
+        for table in (self.lora, self.bottleneck):
+            for st in table.values():
+                st.present[slot + 1] = -1
+        for table, fill in ((self.in_scale, 1.0), (self.out_scale, 1.0), (self.out_add, 0.0)):
+            for vec in table.values():
+                vec[slot] = fill
+        if self.on_evict is not None:
+            self.on_evict(slot, old)

@@ -1,0 +1,152 @@
+"""Every adaptation method served in one mixed batch, checked against its oracle.
+
+Oracle: Hugging Face PEFT running the same adapter files on the same base (LoRA, rsLoRA with
+rank/alpha patterns, DoRA, AdaLoRA, (IA)3, prefix tuning, prompt tuning); the method applied
+to transformers directly for BitFit and bottleneck adapters. Quiver serves all of them, plus
+base-model requests, in the same engine steps (--quantize none --dtype float32): next-token
+logits within tolerance and 16 greedy tokens equal.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from adapter_factory import (bitfit_deltas, bottleneck_blocks, hooked, make_peft_adapter, peft_configs,
+                             release_peft, save_quiver_adapters)
+from conftest import hf_greedy, run_to_completion
+from quiver.adapters.base import BaseSpec
+from quiver.adapters.manager import AdapterConfig, AdapterManager
+from quiver.server.config import EngineConfig, SamplingParams
+from quiver.server.engine.engine import Engine
+
+PROMPTS = ["The capital of France is", "Write a short poem about autumn leaves falling:"]
+NEW = 16
+ATOL = 2e-3
+
+
+def oracle(model, ids):
+    t = torch.tensor([ids])
+    with torch.inference_mode():
+        logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, -1].float()
+        out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=NEW, do_sample=False,
+                             pad_token_id=2)
+    return logits, out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def suite(fp32_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    hf, tok = fp32_model.hf_model, fp32_model.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    expected = {}
+    for name, cfg in peft_configs().items():
+        pm = make_peft_adapter(hf, name, cfg, root / name)
+        try:
+            for i in ids:
+                logits, toks = oracle(pm, i)
+                expected[(name, tuple(i))] = (logits, toks)
+        finally:
+            release_peft(pm)
+    hidden = fp32_model.hf_config.hidden_size
+    save_quiver_adapters(root, hidden)
+    for name, payload in (("bitfit", bitfit_deltas(hidden)), ("bottleneck", bottleneck_blocks(hidden))):
+        with hooked(hf, name, payload):
+            for i in ids:
+                expected[(name, tuple(i))] = oracle(hf, i)
+    return root, ids, expected
+
+
+def make_engine(fp32_model, root, **kw):
+    manager = AdapterManager(AdapterConfig(str(root), **kw), BaseSpec.from_model(fp32_model.model), fp32_model.name,
+                             fp32_model.dtype, fp32_model.device)
+    engine = Engine(fp32_model, EngineConfig(max_model_len=256, max_num_batched_tokens=512, max_num_seqs=32),
+                    adapters=manager)
+    return engine, manager
+
+
+def capture_first_logits(engine):
+    first = {}
+    run = engine.runner.run
+
+    def wrapped(scheduled, adapters=None, prefix=None):
+        logits = run(scheduled, adapters, prefix)
+        row = 0
+        for item in scheduled:
+            seq = item.seq
+            if seq.num_computed + item.num_tokens == seq.num_tokens:
+                first.setdefault(seq.request_id, logits[row].clone())
+                row += 1
+        return logits
+
+    engine.runner.run = wrapped
+    return first
+
+
+def test_all_methods_in_one_mixed_batch(fp32_model, suite):
+    root, ids, expected = suite
+    engine, manager = make_engine(fp32_model, root)
+    methods = sorted({m for m, _ in expected})
+    assert set(manager.ids()) == set(methods)
+    first = capture_first_logits(engine)
+    handles = []
+    for i in ids:
+        handles.append((None, i, engine.submit(i, SamplingParams(max_new_tokens=NEW))))
+        for m in methods:
+            handles.append((m, i, engine.submit(i, SamplingParams(max_new_tokens=NEW), adapter=manager.resolve(m))))
+    inbox, engine._inbox = engine._inbox, []
+    engine._take(inbox)
+    run_to_completion(engine)
+    assert engine.steps <= NEW + 1, "requests were not batched together"
+    failures = []
+    for method, i, h in handles:
+        res = h.result()
+        assert res.error is None, (method, res.error)
+        if method is None:
+            assert res.token_ids == hf_greedy(fp32_model, i, NEW)
+            continue
+        want_logits, want_tokens = expected[(method, tuple(i))]
+        diff = (first[h.seq.request_id] - want_logits).abs().max().item()
+        if diff > ATOL or res.token_ids != want_tokens:
+            failures.append(f"{method}: max logit diff {diff:.2e}, tokens {res.token_ids} vs {want_tokens}")
+        assert res.prompt_tokens == len(i)
+    assert not failures, "\n".join(failures)
+    assert engine.blocks.num_free + sum(len(b) for b in manager.prefix_blocks.values()) == engine.blocks.num_blocks
+
+
+def test_adapters_change_the_output(suite, fp32_model):
+    root, ids, expected = suite
+    base = hf_greedy(fp32_model, ids[1], NEW)
+    changed = [m for (m, i), (_, toks) in expected.items() if i == tuple(ids[1]) and toks != base]
+    assert len(changed) >= 6, f"too few adapters change greedy output: {changed}"
+
+
+def test_few_slots_evict_and_reload(fp32_model, suite):
+    """Two accelerator slots for nine adapters: requests wait for a slot, outputs still match."""
+    root, ids, expected = suite
+    engine, manager = make_engine(fp32_model, root, num_slots=2)
+    methods = sorted({m for m, _ in expected})
+    handles = [(m, engine.submit(ids[0], SamplingParams(max_new_tokens=NEW), adapter=manager.resolve(m)))
+               for m in methods]
+    run_to_completion(engine)
+    for m, h in handles:
+        assert h.result().token_ids == expected[(m, tuple(ids[0]))][1], m
+    assert len(manager.pool.slot_of) == 2 and all(r == 0 for r in manager.pool.refs)
+
+
+def test_mix_of_loras_is_one_virtual_adapter(fp32_model, suite):
+    root, ids, _ = suite
+    engine, manager = make_engine(fp32_model, root)
+    lora, rslora = manager.resolve("lora").weights, manager.resolve("rslora").weights
+    mix = manager.resolve_mix([("lora", 0.5), ("rslora", 1.5)])
+    key = (0, "q_proj")
+    x = torch.randn(3, 576)
+    want = 0.5 * lora.lora[key].scale * (x @ lora.lora[key].a.T @ lora.lora[key].b.T) \
+        + 1.5 * rslora.lora[key].scale * (x @ rslora.lora[key].a.T @ rslora.lora[key].b.T)
+    d = mix.weights.lora[key]
+    torch.testing.assert_close(d.scale * (x @ d.a.T @ d.b.T), want, atol=1e-5, rtol=1e-4)
+    h = engine.submit(ids[0], SamplingParams(max_new_tokens=4), adapter=mix)
+    run_to_completion(engine)
+    res = h.result()
+    assert res.error is None and len(res.token_ids) == 4
