@@ -71,13 +71,18 @@ class AdapterManager:
     def ids(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_NAME).is_file() and ID_RE.match(p.name))
 
+    def add(self, weights: AdapterWeights) -> None:
+        """Puts already-built weights into the CPU tier under weights.info.adapter_id."""
+        with self.lock:
+            self.cpu[weights.info.adapter_id] = weights
+
     def _weights(self, adapter_id: str) -> AdapterWeights:
-        if not ID_RE.match(adapter_id) or not (self.root / adapter_id / CONFIG_NAME).is_file():
-            raise KeyError(f"adapter {adapter_id!r} not found")
         with self.lock:
             if adapter_id in self.cpu:
                 self.cpu.move_to_end(adapter_id)
                 return self.cpu[adapter_id]
+        if not ID_RE.match(adapter_id) or not (self.root / adapter_id / CONFIG_NAME).is_file():
+            raise KeyError(f"adapter {adapter_id!r} not found")
         weights = load_adapter(self.root / adapter_id, self.base, self.cfg.max_rank, self.base_name)
         for warning in weights.info.warnings:
             log.warning("adapter %s: %s", adapter_id, warning)

@@ -132,6 +132,13 @@ def load_model(cfg: ModelConfig, keep_hf: bool = False) -> LoadedModel:
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    return wrap_hf_model(hf, tokenizer, cfg, cfg.model or f"embedded:{EMBEDDED_FILE}", device, dtype, keep_hf)
+
+
+def wrap_hf_model(hf, tokenizer, cfg: ModelConfig, name: str, device: torch.device, dtype: torch.dtype,
+                  keep_hf: bool = False) -> LoadedModel:
+    """Takes a transformers Llama-family model's tensors into Quiver's forward pass, quantizing
+    each projection with bitsandbytes when cfg.quantize is nf4/int8."""
     hf.eval().requires_grad_(False)
     config = hf.config
     if config.model_type not in SUPPORTED_TYPES:
@@ -165,7 +172,7 @@ def load_model(cfg: ModelConfig, keep_hf: bool = False) -> LoadedModel:
                       *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     loaded = LoadedModel(
         model=model, tokenizer=tokenizer, hf_config=config,
-        name=cfg.model or f"embedded:{EMBEDDED_FILE}", device=device, dtype=dtype, quantize=cfg.quantize,
+        name=name, device=device, dtype=dtype, quantize=cfg.quantize,
         weight_bytes=module_bytes(model), eos_token_ids=eos_ids, hf_model=hf if keep_hf else None,
     )
     log.info("loaded %s: %d layers, hidden %d, %s %s on %s, resident weights %.1f MiB", loaded.name,

@@ -150,3 +150,64 @@ def test_mix_of_loras_is_one_virtual_adapter(fp32_model, suite):
     run_to_completion(engine)
     res = h.result()
     assert res.error is None and len(res.token_ids) == 4
+
+
+def test_grpc_serves_every_method_by_folder_name(fp32_model, suite, tmp_path):
+    """`quiver serve --adapter-dir DIR` path: adapters by folder name, through a real channel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quiver.server.app import Server
+    from quiver.server.config import ModelConfig, ServerConfig
+    from quiver.server.pb import quiver_pb2 as pb
+    from quiver.server.pb import quiver_pb2_grpc as pb_grpc
+
+    root, ids, expected = suite
+    broken = root / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (broken / "adapter_model.bin").write_bytes(b"pickle")
+    srv = Server(ServerConfig(port=0, adapter_dir=str(root)), ModelConfig(),
+                 EngineConfig(max_model_len=256, max_num_batched_tokens=256), loaded=fp32_model)
+    port = srv.start()
+    try:
+        stub = pb_grpc.QuiverStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        prompt = PROMPTS[0]
+        methods = sorted({m for m, _ in expected})
+
+        def call(m):
+            return m, list(stub.Generate(pb.GenerateRequest(prompt=prompt, adapter_id=m, max_new_tokens=NEW),
+                                         timeout=120).token_ids)
+
+        with ThreadPoolExecutor(len(methods)) as pool:
+            results = list(pool.map(call, methods))
+        for m, toks in results:
+            assert toks == expected[(m, tuple(ids[0]))][1], m
+
+        listed = {a.adapter_id: a for a in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30).adapters}
+        assert set(methods) | {"broken"} == set(listed)
+        assert listed["dora"].method == "dora" and listed["lora"].rank == 8 and listed["broken"].method == "invalid"
+        info = stub.GetAdapter(pb.GetAdapterRequest(adapter_id="ia3"), timeout=30)
+        assert info.method == "ia3" and info.warnings and info.base_model_name_or_path
+
+        mixed = stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=4, adapter_mix=[
+            pb.AdapterWeight(adapter_id="lora", weight=0.5), pb.AdapterWeight(adapter_id="rslora", weight=0.5)]),
+            timeout=60)
+        assert mixed.completion_tokens == 4
+        for req, code in [
+            (pb.GenerateRequest(prompt=prompt, adapter_id="nope"), grpc.StatusCode.NOT_FOUND),
+            (pb.GenerateRequest(prompt=prompt, adapter_id="../etc"), grpc.StatusCode.NOT_FOUND),
+            (pb.GenerateRequest(prompt=prompt, adapter_id="broken"), grpc.StatusCode.FAILED_PRECONDITION),
+            (pb.GenerateRequest(prompt=prompt, adapter_mix=[pb.AdapterWeight(adapter_id="ia3", weight=1.0)]),
+             grpc.StatusCode.FAILED_PRECONDITION),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(req, timeout=30)
+            assert err.value.code() == code, err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetAdapter(pb.GetAdapterRequest(adapter_id="nope"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        srv.stop()
+        import shutil
+
+        shutil.rmtree(broken)

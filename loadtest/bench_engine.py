@@ -1,0 +1,253 @@
+"""Engine-level decode benchmark (no gRPC): Quiver with and without adapters, side by side.
+
+    python -m quiver.loadtest.bench_engine                         # CPU: embedded model, batch 32
+    python -m quiver.loadtest.bench_engine --model llama2-7b --layers 8 --quantize nf4,none \
+        --batch 1,8,32,128 --adapters 0,32,256 --peft-baseline --out bench.json
+
+For each (quantize, batch, adapters): `batch` sequences with `--prompt-len` random prompt
+tokens are prefilled, then `--steps` decode steps are timed (CUDA-synchronised). Sequence i
+uses adapter i % adapters (0 = base model only): rank-`--ranks` LoRA on `--targets`.
+Reported: ms per decode step, output tok/s, and the ratio against no adapters in the same
+run; on CUDA also the weight-bandwidth limit measured in the run (a device-to-device copy).
+`--peft-baseline` adds HF transformers + PEFT mixed-batch `generate(adapter_names=...)`.
+`--model llama2-7b` builds a Llama-2-7B-shaped model with random weights on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from quiver.adapters.base import BaseSpec
+from quiver.adapters.manager import AdapterConfig, AdapterManager
+from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
+from quiver.server.config import EngineConfig, ModelConfig, SamplingParams
+from quiver.server.engine.engine import Engine
+from quiver.server.loader import LoadedModel, load_model, pick_device, wrap_hf_model
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+class NullTokenizer:
+    """Benchmarks feed token ids; text is not needed."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def random_llama(layers: int, quantize: str, dtype: torch.dtype, device: torch.device,
+                 keep_hf: bool = False) -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": layers}, eos_token_id=2)
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    hf = hf.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.02)
+        for m in hf.modules():
+            if hasattr(m, "inv_freq"):
+                m.inv_freq.copy_(1.0 / (cfg.rope_parameters["rope_theta"] ** (
+                    torch.arange(0, 128, 2, dtype=torch.float, device=device) / 128)))
+    return wrap_hf_model(hf, NullTokenizer(), ModelConfig(quantize=quantize, dtype=str(dtype).removeprefix("torch."),
+                                                          device=str(device)),
+                         f"random-llama2-7b-{layers}L", device, dtype, keep_hf=keep_hf)
+
+
+def random_lora(idx: int, base: BaseSpec, rank: int, targets: list[str], device: torch.device) -> AdapterWeights:
+    g = torch.Generator().manual_seed(idx)
+    w = AdapterWeights(AdapterInfo(f"bench-{idx}", "lora", rank=rank, target_modules=targets))
+    for layer in range(base.n_layers):
+        for proj in targets:
+            out_f, in_f = base.shapes[proj]
+            w.lora[(layer, proj)] = LoraDelta(torch.randn(rank, in_f, generator=g) * 0.01,
+                                              torch.randn(out_f, rank, generator=g) * 0.01, 2.0)
+    return w
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[int], targets: list[str],
+                prompt_len: int, steps: int, manager_cache: dict) -> dict:
+    device = loaded.device
+    manager = None
+    if n_adapters:
+        key = (n_adapters, tuple(ranks), tuple(targets))
+        if key not in manager_cache:
+            import tempfile
+
+            base = BaseSpec.from_model(loaded.model)
+            m = AdapterManager(AdapterConfig(tempfile.mkdtemp(), num_slots=min(n_adapters, batch),
+                                             max_rank=max(ranks), cpu_cache=n_adapters + 1),
+                               base, loaded.name, loaded.dtype, device)
+            for i in range(n_adapters):
+                m.add(random_lora(i, base, ranks[i % len(ranks)], targets, device))
+            manager_cache[key] = m
+        manager = manager_cache[key]
+        manager.pool = type(manager.pool)(manager.base, min(n_adapters, batch), max(ranks), loaded.dtype, device)
+        manager.pool.on_evict = manager._evicted
+    max_len = prompt_len + steps + 8
+    cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(batch, min(batch * prompt_len, 8192)),
+                       max_model_len=max_len, num_blocks=batch * (-(-max_len // 16)) + 8)
+    engine = Engine(loaded, cfg, adapters=manager)
+    g = torch.Generator().manual_seed(0)
+    vocab = loaded.model.embed.shape[0]
+    for i in range(batch):
+        ref = manager.resolve(f"bench-{i % n_adapters}") if n_adapters else None
+        engine.submit(torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
+                      SamplingParams(max_new_tokens=steps + 4, ignore_eos=True), adapter=ref)
+    inbox, engine._inbox = engine._inbox, []
+    engine._take(inbox)
+    while any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill (possibly chunked)
+    for _ in range(2):
+        engine.step()  # warm-up decodes
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(device)
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    return {"batch": batch, "adapters": n_adapters, "ms_per_step": ms, "tok_s": batch * 1e3 / ms}
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Bytes read per second by a device-to-device copy (GB/s); None on CPU."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / 10
+    del x, y
+    return 2 * 1024**3 / dt / 1e9  # bytes read; the same again is written
+
+
+def peft_baseline(hf, batch: int, n_adapters: int, rank: int, targets: list[str], prompt_len: int,
+                  steps: int) -> dict:
+    """HF transformers + PEFT mixed-batch generate(adapter_names=...) on the same shape."""
+    from peft import LoraConfig, get_peft_model
+
+    device = next(hf.parameters()).device
+    n = max(1, n_adapters)
+    pm = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False),
+                        adapter_name="a0")
+    for i in range(1, n):
+        pm.add_adapter(f"a{i}", LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                           init_lora_weights=False))
+    pm.eval()
+    try:
+        return _time_generate(pm, hf, batch, n_adapters, n, prompt_len, steps)
+    finally:
+        pm.unload()
+
+
+def _time_generate(pm, hf, batch, n_adapters, n, prompt_len, steps) -> dict:
+    device = next(hf.parameters()).device
+    ids = torch.randint(3, hf.config.vocab_size, (batch, prompt_len), device=device)
+    names = [f"a{i % n}" for i in range(batch)] if n_adapters else None
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        pre = time.perf_counter()
+        pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                    pad_token_id=0, **({"adapter_names": names} if names else {}))
+        sync(device)
+        t_prefill = time.perf_counter() - pre
+        t0 = time.perf_counter()
+        pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw,
+                    **({"adapter_names": names} if names else {}))
+        sync(device)
+        dt = time.perf_counter() - t0 - t_prefill
+    ms = dt / max(1, steps - 1) * 1e3
+    return {"batch": batch, "adapters": n_adapters, "ms_per_step": ms, "tok_s": batch * 1e3 / ms, "system": "hf+peft"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="embedded", help="embedded | llama2-7b | a local model path")
+    ap.add_argument("--layers", type=int, default=32, help="depth of the llama2-7b shape")
+    ap.add_argument("--quantize", default="none", help="comma list of nf4,int8,none")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch", default="32")
+    ap.add_argument("--adapters", default="0,32")
+    ap.add_argument("--ranks", default="16", help="comma list, cycled over adapters (e.g. 8,16,32,64)")
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--peft-baseline", action="store_true")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args(argv)
+    device = pick_device("auto")
+    batches = [int(b) for b in args.batch.split(",")]
+    adapter_counts = [int(a) for a in args.adapters.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    targets = args.targets.split(",")
+    rows = []
+    bw = copy_bandwidth(device)
+    for quantize in args.quantize.split(","):
+        if args.model == "llama2-7b":
+            dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
+            loaded = random_llama(args.layers, quantize, dtype, device, keep_hf=args.peft_baseline)
+        else:
+            loaded = load_model(ModelConfig(model=None if args.model == "embedded" else args.model,
+                                            quantize=quantize, dtype=args.dtype), keep_hf=args.peft_baseline)
+        limit_ms = loaded.weight_bytes / (bw * 1e9) * 1e3 if bw else None
+        cache: dict = {}
+        for batch in batches:
+            base_ms = None
+            for n in adapter_counts:
+                r = time_decode(loaded, batch, n, ranks, targets, args.prompt_len, args.steps, cache)
+                r.update(system="quiver", quantize=quantize, weight_mib=loaded.weight_bytes / 2**20)
+                if n == 0:
+                    base_ms = r["ms_per_step"]
+                r["vs_no_adapters"] = r["ms_per_step"] / base_ms if base_ms else None
+                r["limit_ms"] = limit_ms
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            if args.peft_baseline:
+                for n in [a for a in adapter_counts if a <= 32]:
+                    r = peft_baseline(loaded.hf_model, batch, n, ranks[0], targets, args.prompt_len, args.steps)
+                    r.update(quantize=quantize, vs_no_adapters=None, limit_ms=limit_ms)
+                    r["vs_quiver"] = r["ms_per_step"] / next(
+                        q["ms_per_step"] for q in rows if q["system"] == "quiver" and q["batch"] == batch
+                        and q["adapters"] == n and q["quantize"] == quantize)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+        del loaded, cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    table = ["| system | quantize | batch | adapters | ms/step | tok/s | vs no adapters | bandwidth limit ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = f"{r['vs_no_adapters']:.3f}x" if r.get("vs_no_adapters") else "-"
+        lim = f"{r['limit_ms']:.2f}" if r.get("limit_ms") else "-"
+        table.append(f"| {r['system']} | {r.get('quantize', '-')} | {r['batch']} | {r['adapters']} | "
+                     f"{r['ms_per_step']:.2f} | {r['tok_s']:.0f} | {vs} | {lim} |")
+    print("\n".join(table))
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "copy_bandwidth_gb_s": bw, "args": vars(args), "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(info, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Adapter files that cannot be served are refused with a message saying why; nothing is unpickled."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from quiver.adapters.base import BaseSpec
+from quiver.adapters.files import AdapterError
+from quiver.adapters.lora import save_lora
+from quiver.adapters.methods import load_adapter
+from quiver.adapters.weights import LoraDelta
+
+PRE = "base_model.model.model.layers.0.self_attn"
+
+
+@pytest.fixture(scope="module")
+def base(fp32_model):
+    return BaseSpec.from_model(fp32_model.model)
+
+
+def write(path, config, tensors):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
+
+
+def lora_cfg(**kw):
+    return {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **kw}
+
+
+def good_tensors(r=4, proj="q_proj", out=576):
+    return {f"{PRE}.{proj}.lora_A.weight": torch.randn(r, 576), f"{PRE}.{proj}.lora_B.weight": torch.randn(out, r)}
+
+
+@pytest.mark.parametrize("case,match", [
+    ("unknown_module", "targets 'c_attn'"),
+    ("bad_shape", "shape"),
+    ("nan", "NaN or Inf"),
+    ("rank_too_big", "above this server's maximum"),
+    ("layer_out_of_range", "layers"),
+    ("pickle_file", "non-safetensors"),
+    ("bad_json", "not valid JSON"),
+    ("unknown_type", "is not served"),
+    ("int_tensor", "floating point"),
+    ("dora_without_magnitude", "lora_magnitude_vector"),
+])
+def test_refusals(tmp_path, base, case, match):
+    d = tmp_path / case
+    t = good_tensors()
+    cfg = lora_cfg()
+    if case == "unknown_module":
+        t = {k.replace("q_proj", "c_attn"): v for k, v in t.items()}
+    elif case == "bad_shape":
+        t[f"{PRE}.q_proj.lora_B.weight"] = torch.randn(100, 4)
+    elif case == "nan":
+        t[f"{PRE}.q_proj.lora_A.weight"][0, 0] = float("nan")
+    elif case == "rank_too_big":
+        t = good_tensors(r=80)
+    elif case == "layer_out_of_range":
+        t = {k.replace("layers.0", "layers.99"): v for k, v in t.items()}
+    elif case == "unknown_type":
+        cfg["peft_type"] = "LOHA"
+    elif case == "int_tensor":
+        t[f"{PRE}.q_proj.lora_A.weight"] = torch.ones(4, 576, dtype=torch.int32)
+    elif case == "dora_without_magnitude":
+        cfg["use_dora"] = True
+    write(d, cfg, t)
+    if case == "pickle_file":
+        (d / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: must never be opened
+    if case == "bad_json":
+        (d / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(d, base, max_rank=64)
+
+
+def test_foreign_base_name_is_a_warning_not_an_error(tmp_path, base):
+    d = write(tmp_path / "a", lora_cfg(base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"), good_tensors())
+    w = load_adapter(d, base, max_rank=64, base_name="embedded")
+    assert w.info.method == "lora" and w.info.rank == 4 and w.info.target_modules == ["q_proj"]
+    assert any("HuggingFaceTB/SmolLM2-135M-Instruct" in m for m in w.info.warnings)
+
+
+def test_save_lora_roundtrip(tmp_path, base):
+    deltas = {(2, "v_proj"): LoraDelta(torch.randn(3, 576), torch.randn(192, 3), 2.0)}
+    save_lora(tmp_path / "x", deltas, r=3, alpha=6.0, base_model="m")
+    w = load_adapter(tmp_path / "x", base, max_rank=8)
+    d = w.lora[(2, "v_proj")]
+    assert torch.equal(d.a, deltas[(2, "v_proj")].a) and d.scale == 2.0
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
