@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from quiver.adapters.bottleneck import ACTIVATIONS
+from quiver.adapters.pool import ACT_NAMES
 from quiver.adapters.pool import LowRankStack, SlotPool
 from quiver.kernels import add_by_slot, lora_expand, lora_shrink, scale_by_slot
 
@@ -24,10 +25,12 @@ class AdapterBatch:
     def __init__(self, pool: SlotPool, token_slot: torch.Tensor,
                  prompt_rows: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.pool = pool
-        self.token_slot = token_slot  # [T] int32
-        self.lookup = token_slot.long() + 1  # index into a stack's present map
+        self.token_slot = token_slot  # [T] int32 (a static buffer when replayed in a CUDA graph)
         self.prompt_rows = prompt_rows  # (flat token indices [P], embeddings [P, hidden]) for prompt tuning
-        self.active = set(token_slot[token_slot >= 0].tolist())
+        self.lookup: torch.Tensor | None = None
+
+    def begin(self) -> None:
+        self.lookup = self.token_slot.long() + 1  # index into a stack's present map
 
     def _slots_for(self, st: LowRankStack) -> torch.Tensor:
         return st.present[self.lookup]  # [T] int32: slot, or -1 where the slot has nothing here
@@ -62,10 +65,9 @@ class AdapterBatch:
         slots = self._slots_for(st)
         h = lora_shrink(y, st.a, slots, st.ranks)  # [T, R] fp32: down(y)
         add_by_slot(h, st.down_bias.float(), slots)
-        for act in {st.acts[s] for s in self.active}:  # usually one activation for the whole batch
-            rows = torch.tensor([st.acts[int(s)] == act if s >= 0 else False for s in slots.tolist()],
-                                device=y.device)
-            h[rows] = ACTIVATIONS[act](h[rows])
+        token_act = st.act_ids[self.lookup]  # [T] index into ACT_NAMES, -1 = no bottleneck here
+        for i, act in enumerate(ACT_NAMES):  # no host sync: a masked select per activation kind
+            h = torch.where((token_act == i)[:, None], ACTIVATIONS[act](h), h)
         out = y.clone()
         lora_expand(h, st.b, slots, st.ranks, st.scaling, out)
         add_by_slot(out, st.up_bias, slots)

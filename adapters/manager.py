@@ -182,6 +182,14 @@ class AdapterManager:
         bs = self.engine.blocks.block_size
         return [blocks[i // bs] * bs + i % bs for i in range(seq.prefix_len)]
 
+    def graph_batch(self, token_slot: torch.Tensor) -> AdapterBatch:
+        """An AdapterBatch over a static token_slot buffer, for a captured decode graph."""
+        return AdapterBatch(self.pool, token_slot)
+
+    def prefix_block_list(self, seq) -> list[int]:
+        """Shared prefix KV blocks at the head of seq's block table (decode graphs)."""
+        return list(self.prefix_blocks.get(seq.slot, [])) if seq.slot is not None and seq.prefix_len else []
+
     def prepare(self, scheduled) -> tuple[AdapterBatch | None, list[list[int]] | None]:
         if all(item.seq.slot is None for item in scheduled):
             return None, None

@@ -28,7 +28,10 @@ class LowRankStack:
     present: torch.Tensor  # [S+1] int32: slot_map
     down_bias: torch.Tensor | None = None  # [S, R] (bottleneck)
     up_bias: torch.Tensor | None = None  # [S, out] (bottleneck)
-    acts: list | None = None  # [S] activation name per slot (bottleneck)
+    act_ids: torch.Tensor | None = None  # [S+1] int64 index into ACT_NAMES by slot+1, -1 = none (bottleneck)
+
+
+ACT_NAMES = ("relu", "gelu", "silu")
 
 
 class PoolFull(RuntimeError):
@@ -46,6 +49,7 @@ class SlotPool:
         self.resident: dict[int, AdapterWeights] = {}
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
         self.refs = [0] * num_slots
+        self.version = 0  # bumped whenever a new stack is allocated
         self.on_evict = None  # callback(slot, weights), e.g. to free prefix KV blocks
 
     # ---- slot bookkeeping ----
@@ -83,6 +87,7 @@ class SlotPool:
     def _vec(self, table: dict, key: Key, dim: int, fill: float) -> torch.Tensor:
         if key not in table:
             table[key] = torch.full((self.S, dim), fill, dtype=self.dtype, device=self.device)
+            self.version += 1
         return table[key]
 
     def _stack(self, table: dict, key: Key, in_f: int, out_f: int, biased: bool) -> LowRankStack:
@@ -94,8 +99,9 @@ class SlotPool:
                 scaling=torch.zeros(self.S, dtype=torch.float32, device=self.device),
                 present=torch.full((self.S + 1,), -1, dtype=torch.int32, device=self.device),
                 down_bias=z(self.S, self.R) if biased else None, up_bias=z(self.S, out_f) if biased else None,
-                acts=["relu"] * self.S if biased else None,
+                act_ids=torch.full((self.S + 1,), -1, dtype=torch.long, device=self.device) if biased else None,
             )
+            self.version += 1  # captured CUDA graphs do not know this stack yet
         return table[key]
 
     def _write(self, slot: int, w: AdapterWeights) -> None:
@@ -118,7 +124,7 @@ class SlotPool:
             st.down_bias[slot, :r] = bn.down_bias.to(dev, dt)
             st.up_bias[slot] = bn.up_bias.to(dev, dt)
             st.ranks[slot], st.scaling[slot], st.present[slot + 1] = r, 1.0, slot
-            st.acts[slot] = bn.act
+            st.act_ids[slot + 1] = ACT_NAMES.index(bn.act)
         for table, src, fill, dim_of in ((self.in_scale, w.in_scale, 1.0, 1), (self.out_scale, w.out_scale, 1.0, 0),
                                          (self.out_add, w.out_add, 0.0, 0)):
             for key, vec in src.items():
@@ -129,6 +135,8 @@ class SlotPool:
         for table in (self.lora, self.bottleneck):
             for st in table.values():
                 st.present[slot + 1] = -1
+                if st.act_ids is not None:
+                    st.act_ids[slot + 1] = -1
         for table, fill in ((self.in_scale, 1.0), (self.out_scale, 1.0), (self.out_add, 0.0)):
             for vec in table.values():
                 vec[slot] = fill

@@ -36,6 +36,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
     max_model_len: int = 2048  # prompt + generated tokens of one sequence
     default_max_new_tokens: int = 256
+    cuda_graphs: bool = True  # replay CUDA graphs for decode-only steps on CUDA
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "default_max_new_tokens"):

@@ -30,6 +30,8 @@ class AdapterHook(Protocol):
 
     def linear(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
+    def begin(self) -> None: ...
+
     def input_embeds(self, embeds: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -50,6 +52,11 @@ class StepBatch:
     attn_mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = may attend
     sample_index: torch.Tensor  # [N] int64, flat tokens whose logits are returned
     adapters: AdapterHook | None = None
+    # Decode-only steps on CUDA: one query per row, attention straight from the paged cache
+    # (no gather of whole sequences). q_gather/kv_gather/attn_mask are unused then.
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # [B] int32, keys per row incl. the new token (0 = padding row)
+    block_size: int = 0
 
 
 class KVCache:
@@ -128,6 +135,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     masked by attn_mask[b]) v. Rows are padded to Qmax x Lmax and run as one SDPA call.
     """
     T, H, D = q.shape
+    if batch.block_tables is not None:
+        from quiver.kernels.attention import paged_decode_attention
+
+        out = paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.block_size,
+                                     D ** -0.5)
+        return out.reshape(T, H * D)
     B, Qmax = batch.q_gather.shape
     q_pad = torch.cat([q, q.new_zeros(1, H, D)])[batch.q_gather]  # [B, Qmax, H, D]
     k = k_cache[batch.kv_gather]  # [B, Lmax, KVH, D]
@@ -169,6 +182,7 @@ class LlamaForward(nn.Module):
     def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
         h = F.embedding(batch.input_ids, self.embed)
         if batch.adapters is not None:
+            batch.adapters.begin()  # per-step index math runs here, inside a captured CUDA graph
             h = batch.adapters.input_embeds(h)
         cos, sin = self.rotary_tables(batch.positions, h.dtype)
         for layer in self.layers:

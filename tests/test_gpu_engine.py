@@ -40,3 +40,59 @@ def test_cuda_quantized_matches_transformers_on_same_modules(tmp_path, quantize,
     agree = sum(res.token_ids == hf_greedy(loaded, ids, 8) for ids, res in results)
     # low precision: batching changes reduction order, so allow one near-tie divergence
     assert agree >= len(results) - 1, f"{agree}/{len(results)} sequences agree"
+
+
+def test_cuda_adapters_mixed_batch_graphs_vs_eager_vs_peft(tmp_path):
+    """LoRA, DoRA, (IA)3 and prefix adapters on CUDA: graph replay == eager == PEFT."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+
+    from adapter_factory import perturb
+    from quiver.adapters.base import BaseSpec
+    from quiver.adapters.manager import AdapterConfig, AdapterManager
+    from quiver.server.config import EngineConfig, SamplingParams
+    from quiver.server.engine.engine import Engine
+    from conftest import run_to_completion
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = tiny_model_dir(tmp_path, "llama", **SHAPE)
+    loaded = load_model(ModelConfig(model=path, quantize="none", dtype="float32", device="cuda"), keep_hf=True)
+    hf = loaded.hf_model
+    root = tmp_path / "adapters"
+    cfgs = {"lora": LoraConfig(r=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
+            "dora": LoraConfig(r=4, target_modules=["q_proj", "up_proj"], use_dora=True, init_lora_weights=False),
+            "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                             init_ia3_weights=False),
+            "prefix16": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=16),
+            "prefix5": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5)}
+    ids = [loaded.tokenizer(p)["input_ids"] for p in prompts(3)]
+    expected = {}
+    for name, cfg in cfgs.items():
+        pm = get_peft_model(hf, cfg)
+        if not name.startswith("prefix"):
+            perturb(pm, 1, 0.05)
+        pm.eval()
+        pm.save_pretrained(root / name)
+        for i in ids:
+            t = torch.tensor([i], device="cuda")
+            with torch.inference_mode():
+                out = pm.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=12, do_sample=False,
+                                  pad_token_id=0)
+            expected[(name, tuple(i))] = out[0, len(i):].tolist()
+        if not name.startswith("prefix"):
+            pm.unload()
+    results = {}
+    for graphs in (True, False):
+        manager = AdapterManager(AdapterConfig(str(root)), BaseSpec.from_model(loaded.model), loaded.name,
+                                 loaded.dtype, loaded.device)
+        engine = Engine(loaded, EngineConfig(max_model_len=256, cuda_graphs=graphs), adapters=manager)
+        handles = [(n, i, engine.submit(i, SamplingParams(max_new_tokens=12), adapter=manager.resolve(n)))
+                   for n in cfgs for i in ids]
+        handles += [(None, i, engine.submit(i, SamplingParams(max_new_tokens=12))) for i in ids]
+        run_to_completion(engine)
+        if graphs:
+            assert engine.runner.graphs.graphs, "no CUDA graph was captured"
+        results[graphs] = {(n, tuple(i)): h.result().token_ids for n, i, h in handles}
+    assert results[True] == results[False]
+    for (name, i), toks in results[True].items():
+        if name is not None:
+            assert toks == expected[(name, i)], name

@@ -19,6 +19,7 @@ import torch
 
 from quiver.server.config import EngineConfig, SamplingParams
 from quiver.server.engine.block_manager import BlockManager
+from quiver.server.engine.graphs import DecodeGraphs
 from quiver.server.engine.output import Detokenizer
 from quiver.server.engine.runner import ModelRunner
 from quiver.server.engine.sampler import make_generator, sample
@@ -84,7 +85,12 @@ class Engine:
         self.scheduler = Scheduler(self.cfg, self.blocks, admit=adapters.admit if adapters is not None else None)
         if adapters is not None:
             adapters.bind(self)
-        self.runner = ModelRunner(m, self.kv, self.blocks, loaded.device)
+        graphs = None
+        if loaded.device.type == "cuda" and self.cfg.cuda_graphs:
+            scratch = self.blocks.take(1)[0] * self.cfg.block_size  # padding rows of graph buckets write here
+            graphs = DecodeGraphs(m, self.kv, self.cfg.max_num_seqs, self.cfg.max_blocks_per_seq + 8, scratch,
+                                  loaded.device)
+        self.runner = ModelRunner(m, self.kv, self.blocks, loaded.device, graphs=graphs, adapters=adapters)
         self._handles: dict[int, RequestHandle] = {}
         self._detok: dict[int, Detokenizer] = {}
         self._gens: dict[int, torch.Generator] = {}

@@ -15,11 +15,14 @@ from quiver.server.model import KVCache, LlamaForward, StepBatch
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForward, kv: KVCache, blocks: BlockManager, device: torch.device):
+    def __init__(self, model: LlamaForward, kv: KVCache, blocks: BlockManager, device: torch.device,
+                 graphs=None, adapters=None):
         self.model = model
         self.kv = kv
         self.blocks = blocks
         self.device = device
+        self.graphs = graphs  # DecodeGraphs on CUDA, or None
+        self.adapters = adapters  # AdapterManager, or None
 
     def build(self, scheduled: list[Scheduled], adapters=None, prefix_slots: list[list[int]] | None = None) -> StepBatch:
         """prefix_slots[i]: KV slots of sequence i's shared prefix (prefix tuning), or []."""
@@ -68,5 +71,13 @@ class ModelRunner:
         )
 
     def run(self, scheduled: list[Scheduled], adapters=None, prefix_slots=None) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.eligible(scheduled, self.blocks.block_size):
+            m = self.adapters
+            return self.graphs.run(
+                scheduled, self.blocks,
+                adapter_batch_factory=m.graph_batch if m is not None else None,
+                prefix_blocks=m.prefix_block_list if m is not None else (lambda seq: []),
+                pool_version=m.pool.version if m is not None else 0,
+            )
         batch = self.build(scheduled, adapters, prefix_slots)
         return self.model(batch, self.kv)

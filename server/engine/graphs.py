@@ -1,0 +1,127 @@
+"""CUDA graphs for decode-only steps at bucketed batch sizes.
+
+Contract: `DecodeGraphs.eligible(scheduled)` says whether a step can replay a graph (CUDA,
+every sequence decoding one token, batch within the largest bucket, prefix-tuning prefixes
+block-aligned); `run(scheduled, adapter_batch_factory)` copies the step into static buffers,
+replays the graph of the smallest bucket >= batch and returns logits [batch, vocab].
+Padding rows write to a scratch KV slot, attend to nothing (context 0) and use no adapter.
+A graph is captured on first use of a (bucket, adapters on/off, pool version) key; if capture
+fails (an op that cannot be captured), graphs are switched off and steps run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from quiver.server.model import KVCache, LlamaForward, StepBatch
+
+log = logging.getLogger(__name__)
+
+
+def buckets_up_to(n: int) -> list[int]:
+    out, b = [], 1
+    while b < n:
+        out.append(b)
+        b = b * 2 if b < 8 else b + 8 if b < 64 else b + 32
+    return out + [n]
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForward, kv: KVCache, max_batch: int, max_blocks: int, scratch_slot: int,
+                 device: torch.device):
+        self.model, self.kv, self.device = model, kv, device
+        self.buckets = buckets_up_to(max_batch)
+        self.max_blocks = max_blocks
+        self.scratch_slot = scratch_slot
+        n = max_batch
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), scratch_slot, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, **i32)
+        self.context_lens = torch.zeros(n, **i32)
+        self.token_slot = torch.full((n,), -1, **i32)
+        self.sample_index = torch.arange(n, device=device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool_handle = None
+        self.enabled = device.type == "cuda"
+
+    def eligible(self, scheduled, block_size: int) -> bool:
+        if not self.enabled or len(scheduled) > self.buckets[-1]:
+            return False
+        for item in scheduled:
+            seq = item.seq
+            if item.num_tokens != 1 or seq.num_computed + 1 != seq.num_tokens or seq.prefix_len % block_size:
+                return False
+        return True
+
+    def _batch(self, bucket: int, adapters) -> StepBatch:
+        b = bucket
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        return StepBatch(
+            input_ids=self.input_ids[:b], positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
+            q_gather=empty, out_scatter=empty, kv_gather=empty, attn_mask=empty,
+            sample_index=self.sample_index[:b], adapters=adapters, block_tables=self.block_tables[:b],
+            context_lens=self.context_lens[:b], block_size=self.kv.block_size,
+        )
+
+    def fill(self, scheduled, blocks, prefix_blocks) -> None:
+        """Copies the step into the static buffers (one host->device copy per buffer)."""
+        n = len(scheduled)
+        ids, pos, slots, ctx = [], [], [], []
+        tables = torch.zeros(n, self.max_blocks, dtype=torch.int32)
+        for i, item in enumerate(scheduled):
+            seq = item.seq
+            p = seq.num_computed
+            ids.append(seq.tokens[p])
+            pos.append(p + seq.prefix_len)
+            slots.append(blocks.slot(seq, p))
+            table = prefix_blocks(seq) + seq.block_table
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            ctx.append(seq.prefix_len + p + 1)
+        self.input_ids[:n].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:n].copy_(torch.tensor(pos), non_blocking=True)
+        self.slot_mapping[:n].copy_(torch.tensor(slots), non_blocking=True)
+        self.slot_mapping[n:].fill_(self.scratch_slot)
+        self.block_tables[:n].copy_(tables, non_blocking=True)
+        self.context_lens[:n].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
+        self.context_lens[n:].zero_()
+        slot_ids = [-1 if item.seq.slot is None else item.seq.slot for item in scheduled]
+        self.token_slot[:n].copy_(torch.tensor(slot_ids, dtype=torch.int32), non_blocking=True)
+        self.token_slot[n:].fill_(-1)
+
+    def run(self, scheduled, blocks, adapter_batch_factory, prefix_blocks, pool_version: int) -> torch.Tensor:
+        n = len(scheduled)
+        bucket = next(b for b in self.buckets if b >= n)
+        self.fill(scheduled, blocks, prefix_blocks)
+        use_adapters = any(item.seq.slot is not None for item in scheduled)
+        key = (bucket, use_adapters, pool_version if use_adapters else 0)
+        if key not in self.graphs:
+            adapters = adapter_batch_factory(self.token_slot[:bucket]) if use_adapters else None
+            try:
+                self.graphs[key] = self._capture(bucket, adapters)
+            except Exception as exc:  # an op that cannot be captured: run eagerly from now on
+                log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
+                self.enabled = False
+                return self.model(self._batch(bucket, adapters), self.kv)[:n]
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out[:n]
+
+    def _capture(self, bucket: int, adapters) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        batch = self._batch(bucket, adapters)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: Triton compiles, allocator settles
+                self.model(batch, self.kv)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self.pool_handle is None:
+            self.pool_handle = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool_handle):
+            out = self.model(batch, self.kv)
+        log.info("captured decode CUDA graph for batch %d (adapters %s)", bucket, adapters is not None)
+        return graph, out
