@@ -120,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
     g.add_argument("--stream", action="store_true", help="print tokens as they come")
     g.add_argument("--timeout", type=float, default=300.0)
+    from quiver.loadtest.cli import add_arguments, run
+
+    b = sub.add_parser("bench", help="load-test a running server (same as python -m quiver.loadtest)")
+    add_arguments(b)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return run(args, b)
     if args.command == "serve":
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return serve(args)

@@ -59,7 +59,7 @@ class EngineConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    max_workers: int = 32  # gRPC handler threads
+    max_workers: int = 128  # gRPC handler threads (one per in-flight call)
     adapter_dir: str | None = None
     adapter_slots: int = 16  # adapters resident on the accelerator at once
     max_rank: int = 64  # largest LoRA / bottleneck rank accepted

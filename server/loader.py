@@ -151,12 +151,12 @@ def wrap_hf_model(hf, tokenizer, cfg: ModelConfig, name: str, device: torch.devi
         owners = {"q_proj": hl.self_attn, "k_proj": hl.self_attn, "v_proj": hl.self_attn, "o_proj": hl.self_attn,
                   "gate_proj": hl.mlp, "up_proj": hl.mlp, "down_proj": hl.mlp}
         projections = {}
-        for name in PROJECTIONS:
-            module = getattr(owners[name], name)
+        for proj in PROJECTIONS:
+            module = getattr(owners[proj], proj)
             if cfg.quantize != "none":
                 module = quantize_linear(module, cfg.quantize, dtype, device)
-                setattr(owners[name], name, module)  # the HF model shares the quantized module
-            projections[name] = module
+                setattr(owners[proj], proj, module)  # the HF model shares the quantized module
+            projections[proj] = module
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         layers.append(DecoderLayer(
             i, projections, hl.input_layernorm.weight.data.to(device), hl.post_attention_layernorm.weight.data.to(device),
