@@ -122,7 +122,8 @@ def test_from_params4bit_module_and_storage_dtype():
     lin = bnb.nn.Linear4bit(K, N, bias=False, compress_statistics=True, quant_type="nf4")
     lin.weight = bnb.nn.Params4bit(W, requires_grad=False, compress_statistics=True, quant_type="nf4")
     lin = lin.to("cpu")
-    assert torch.equal(nf4.nf4_weight_from_bnb(lin).dequantize(), bnbF.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+    deq = bnbF.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+    assert torch.equal(nf4.nf4_weight_from_bnb(lin).dequantize(), deq)
     # quant_storage other than uint8 (FSDP-style): bytes are the same
     packed, qs = quantize(N, K, quant_storage=torch.bfloat16)
     assert packed.dtype == torch.bfloat16
@@ -163,7 +164,8 @@ def test_module_imports_without_triton_and_bnb():
         "spec = importlib.util.spec_from_file_location('nf4_alone', sys.argv[1])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['nf4_alone'] = m; spec.loader.exec_module(m)\n"
         "assert not m.HAS_TRITON and 'bitsandbytes' not in {k for k, v in sys.modules.items() if v}\n"
-        "w = m.NF4Weight(torch.zeros(2, 8, 32, dtype=torch.uint8), torch.ones(2, 8), torch.tensor(m.NF4_CODE), (8, 128))\n"
+        "w = m.NF4Weight(torch.zeros(2, 8, 32, dtype=torch.uint8), torch.ones(2, 8),\n"
+        "                torch.tensor(m.NF4_CODE), (8, 128))\n"
         "assert m.nf4_linear(torch.ones(1, 128), w).shape == (1, 8)\n"
         "print('ok')\n"
     )
@@ -338,7 +340,8 @@ def test_gpu_dequant_bit_exact(N, K):
     assert torch.equal(w.bnb_packed(), p.data)
     deq = bnbF.dequantize_4bit(p.data, qs)  # bnb's CUDA kernel
     ours = w.dequantize(torch.bfloat16)
-    assert torch.equal(ours, deq), f"torch dequant != bnb CUDA dequant: max diff {(ours.float() - deq.float()).abs().max():.3e}"
+    diff = (ours.float() - deq.float()).abs().max().item()
+    assert torch.equal(ours, deq), f"torch dequant != bnb CUDA dequant: max diff {diff:.3e}"
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ from quiver.server.loader import ModelLoadError, load_model
 def test_local_directory_matches_transformers(tmp_path, fp32_model, kind):
     path = tiny_model_dir(tmp_path, kind, fp32_model.tokenizer)
     loaded = load_model(ModelConfig(model=path, quantize="none", dtype="float32", device="cpu"), keep_hf=True)
+    assert loaded.name == path
     if kind == "qwen2":
         assert loaded.model.layers[0].proj["q_proj"].bias is not None
     prompts = ["Hello there", "A somewhat longer prompt that needs several prefill chunks to fit", "x"]
