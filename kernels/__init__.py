@@ -1,4 +1,5 @@
-"""quiver.kernels: batched adapter kernels (multi-LoRA BGMV/SGMV, per-slot vector ops).
+"""quiver.kernels: batched adapter kernels (multi-LoRA BGMV/SGMV, per-slot vector ops),
+paged decode attention, and the NF4 W4A16 base linear (kernels/nf4.py).
 
 Contract: every op has a pure-PyTorch ``reference_*`` (the spec, used on CPU) and a
 ``triton_*`` implementation with the same positional signature; the un-prefixed public
@@ -29,6 +30,12 @@ from .lora import (
     triton_sgmv_shrink,
     use_triton,
 )
+from .attention import (
+    decode_split_plan,
+    paged_decode_attention,
+    reference_paged_decode_attention,
+    triton_paged_decode_attention,
+)
 from .scale import (
     add_by_slot,
     reference_add_by_slot,
@@ -39,6 +46,10 @@ from .scale import (
 )
 
 __all__ = [
+    "decode_split_plan",
+    "paged_decode_attention",
+    "reference_paged_decode_attention",
+    "triton_paged_decode_attention",
     "HAS_TRITON",
     "use_triton",
     "segments_from_slots",
