@@ -28,7 +28,7 @@ class BaseSpec:
         layer = model.layers[0]
         shapes = {}
         for name in PROJECTIONS:
-            mod = layer.proj[name]
+            mod = layer.proj[name]  # nn.Linear, bitsandbytes Linear4bit/8bitLt or NF4Linear: all have these
             shapes[name] = (mod.out_features, mod.in_features)
         return cls(model.n_layers, model.embed.shape[1], model.n_kv_heads, model.head_dim, shapes, model)
 
@@ -37,6 +37,8 @@ class BaseSpec:
 
     def dense_weight(self, layer: int, proj: str) -> torch.Tensor:
         mod = self.module(layer, proj)
+        if hasattr(mod, "dense_weight"):  # Quiver's NF4Linear
+            return mod.dense_weight()
         w = mod.weight
         if getattr(w, "quant_state", None) is not None:  # bitsandbytes NF4
             import bitsandbytes.functional as bf

@@ -23,6 +23,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    p.add_argument("--nf4-kernel", choices=("triton", "bnb"), default="triton",
+                   help="NF4 matmul on CUDA: Quiver's fused Triton W4A16 kernel (default) or bitsandbytes'")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--adapter-dir", default=None, help="serve every adapter directory under DIR by its folder name")
@@ -42,7 +44,8 @@ def serve(args: argparse.Namespace) -> int:
 
     server_cfg = ServerConfig(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
                               adapter_slots=args.adapter_slots, max_rank=args.max_rank)
-    model_cfg = ModelConfig(model=args.model, quantize=args.quantize, dtype=args.dtype, device=args.device)
+    model_cfg = ModelConfig(model=args.model, quantize=args.quantize, dtype=args.dtype, device=args.device,
+                            nf4_kernel=args.nf4_kernel)
     engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     server = Server(server_cfg, model_cfg, engine_cfg)

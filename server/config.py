@@ -20,10 +20,13 @@ class ModelConfig:
     quantize: str = "nf4"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available
+    nf4_kernel: str = "triton"  # on CUDA: "triton" (Quiver's fused W4A16) or "bnb" (bitsandbytes' matmul)
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
+        if self.nf4_kernel not in ("triton", "bnb"):
+            raise ValueError(f"nf4_kernel must be triton or bnb, got {self.nf4_kernel!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
 

@@ -155,7 +155,11 @@ def wrap_hf_model(hf, tokenizer, cfg: ModelConfig, name: str, device: torch.devi
             module = getattr(owners[proj], proj)
             if cfg.quantize != "none":
                 module = quantize_linear(module, cfg.quantize, dtype, device)
-                setattr(owners[proj], proj, module)  # the HF model shares the quantized module
+                setattr(owners[proj], proj, module)  # transformers runs bitsandbytes' module
+                if cfg.quantize == "nf4" and device.type == "cuda" and cfg.nf4_kernel == "triton":
+                    from quiver.server.quant import NF4Linear
+
+                    module = NF4Linear.from_bnb(module)  # same NF4 values, Quiver's fused kernel
             projections[proj] = module
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         layers.append(DecoderLayer(
