@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# GPU checks on a CUDA machine with torch/triton/transformers/peft but no Quiver install:
+# the gpu-marked tests and the kernel benchmarks. Results go to ${OUT:-gpu-results}/.
+# bitsandbytes may be carried as a wheel in .whl/ (installed to /tmp/site).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+rm -rf /tmp/q && mkdir -p /tmp/q/quiver
+for d in server adapters kernels loadtest; do ln -s "$PWD/$d" "/tmp/q/quiver/$d"; done
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/q:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)" | tee -a "$OUT/device.txt"
+timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu --maxfail=20 -p no:cacheprovider \
+  tests/test_kernels_lora.py tests/test_kernels_attention.py tests/test_kernels_nf4.py tests/test_gpu_engine.py \
+  2>&1 | tee "$OUT/gpu_tests.log" | tail -60
+[ "${BENCH:-1}" = 1 ] || exit 0
+timeout 150 python3 -m quiver.kernels.bench_nf4 --out "$OUT/nf4.json" 2>&1 | tail -30
+timeout 120 python3 -m quiver.kernels.bench_lora --out "$OUT/lora.json" 2>&1 | tail -25
