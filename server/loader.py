@@ -159,7 +159,10 @@ def wrap_hf_model(hf, tokenizer, cfg: ModelConfig, name: str, device: torch.devi
                 if cfg.quantize == "nf4" and device.type == "cuda" and cfg.nf4_kernel == "triton":
                     from quiver.server.quant import NF4Linear
 
-                    module = NF4Linear.from_bnb(module)  # same NF4 values, Quiver's fused kernel
+                    try:
+                        module = NF4Linear.from_bnb(module)  # same NF4 values, Quiver's fused kernel
+                    except ValueError as exc:  # a shape the kernel does not take: bitsandbytes serves it
+                        log.warning("layer %d %s stays on bitsandbytes' NF4 matmul: %s", i, proj, exc)
             projections[proj] = module
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         layers.append(DecoderLayer(

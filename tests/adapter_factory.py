@@ -22,7 +22,7 @@ def perturb(model, seed: int, std: float = 0.05) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * std)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * std)
 
 
 def peft_configs():

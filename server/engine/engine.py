@@ -78,7 +78,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.eos_ids = set(loaded.eos_token_ids)
         m = loaded.model
-        self.kv = KVCache(m.n_layers, self.cfg.num_blocks, self.cfg.block_size, m.n_kv_heads, m.head_dim,
+        # one block beyond the manager's range: the scratch slots that CUDA-graph padding rows write to
+        self.kv = KVCache(m.n_layers, self.cfg.num_blocks + 1, self.cfg.block_size, m.n_kv_heads, m.head_dim,
                           loaded.dtype, loaded.device)
         self.blocks = BlockManager(self.cfg.num_blocks, self.cfg.block_size)
         self.adapters = adapters  # quiver.adapters.manager.AdapterManager, or None
@@ -86,8 +87,9 @@ class Engine:
         if adapters is not None:
             adapters.bind(self)
         graphs = None
-        if loaded.device.type == "cuda" and self.cfg.cuda_graphs:
-            scratch = self.blocks.take(1)[0] * self.cfg.block_size  # padding rows of graph buckets write here
+        if loaded.device.type == "cuda" and self.cfg.cuda_graphs and loaded.quantize != "int8":
+            # (bitsandbytes' int8 matmul syncs with the host and cannot be captured)
+            scratch = self.cfg.num_blocks * self.cfg.block_size
             graphs = DecodeGraphs(m, self.kv, self.cfg.max_num_seqs, self.cfg.max_blocks_per_seq + 8, scratch,
                                   loaded.device)
         self.runner = ModelRunner(m, self.kv, self.blocks, loaded.device, graphs=graphs, adapters=adapters)
