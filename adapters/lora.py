@@ -94,12 +94,12 @@ def load(adapter_id: str, cfg: dict, tensors: dict[str, torch.Tensor], base: Bas
             if m is None:
                 raise AdapterError(f"{where}: use_dora is set but lora_magnitude_vector is missing")
             check_shape(m, (out_f,), f"{where} lora_magnitude_vector")
-            dense = base.dense_weight(layer, proj) + scale * (b @ a)
+            dense = base.dense_weight(layer, proj).cpu() + scale * (b @ a)
             s = m / dense.norm(dim=1)
             w.out_scale[(layer, proj)] = s
             bias = base.bias(layer, proj)
             if bias is not None:
-                w.out_add[(layer, proj)] = (1 - s) * bias
+                w.out_add[(layer, proj)] = (1 - s) * bias.cpu()
     if not w.lora:
         raise AdapterError("the adapter holds no LoRA weights")
     w.info.rank = max(d.rank for d in w.lora.values())

@@ -94,3 +94,22 @@ def tiny_model_dir(tmp_path, kind: str, tokenizer=None, **overrides) -> str:
     model.save_pretrained(out, safe_serialization=True)
     (tokenizer or word_tokenizer(cfg["vocab_size"])).save_pretrained(out)
     return str(out)
+
+
+def capture_logits(engine) -> dict[int, list[torch.Tensor]]:
+    """Records every logits row the engine samples from, per request id (wraps runner.run)."""
+    rows: dict[int, list[torch.Tensor]] = {}
+    run = engine.runner.run
+
+    def wrapped(scheduled, adapters=None, prefix=None):
+        logits = run(scheduled, adapters, prefix)
+        i = 0
+        for item in scheduled:
+            seq = item.seq
+            if seq.num_computed + item.num_tokens == seq.num_tokens:
+                rows.setdefault(seq.request_id, []).append(logits[i].float().cpu())
+                i += 1
+        return logits
+
+    engine.runner.run = wrapped
+    return rows

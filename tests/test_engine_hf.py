@@ -32,7 +32,7 @@ def staggered_run(loaded, prompts, new_tokens, **engine_kw):
     """Submits prompts two at a time, one step apart, into a running engine; returns results."""
     tok = loaded.tokenizer
     engine = Engine(loaded, EngineConfig(**engine_kw))
-    pending = [tok(p)["input_ids"] for p in prompts]
+    pending = [p if isinstance(p, list) else tok(p)["input_ids"] for p in prompts]
     handles = []
     while pending or engine.scheduler.has_work() or engine._inbox:
         for ids in pending[:2]:
