@@ -122,6 +122,36 @@ def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[in
     return {"batch": batch, "adapters": n_adapters, "ms_per_step": ms, "tok_s": batch * 1e3 / ms}
 
 
+def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int = 5) -> dict:
+    """Disk -> CPU (read + validate) and CPU -> accelerator slot times of one LoRA adapter."""
+    import tempfile
+    from pathlib import Path
+
+    from quiver.adapters.lora import save_lora
+    from quiver.adapters.methods import load_adapter
+    from quiver.adapters.pool import SlotPool
+
+    base = BaseSpec.from_model(loaded.model)
+    root = Path(tempfile.mkdtemp())
+    w = random_lora(0, base, rank, targets, loaded.device)
+    save_lora(root / "cold", w.lora, r=rank, alpha=2.0 * rank, base_model=loaded.name)
+    pool = SlotPool(base, 4, rank, loaded.dtype, loaded.device)
+    pool.load(w)  # allocate the stacks once, as a warm server has
+    disk, slot = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fresh = load_adapter(root / "cold", base, rank)
+        t1 = time.perf_counter()
+        fresh.info.adapter_id = f"cold-{i}"
+        pool.load(fresh)
+        sync(loaded.device)
+        disk.append(t1 - t0)
+        slot.append(time.perf_counter() - t1)
+    size = (root / "cold" / "adapter_model.safetensors").stat().st_size
+    return {"system": "cold-load", "rank": rank, "targets": targets, "file_mib": size / 2**20,
+            "disk_to_cpu_ms": sorted(disk)[len(disk) // 2] * 1e3, "cpu_to_slot_ms": sorted(slot)[len(slot) // 2] * 1e3}
+
+
 def copy_bandwidth(device: torch.device) -> float | None:
     """Bytes read per second by a device-to-device copy (GB/s); None on CPU."""
     if device.type != "cuda":
@@ -192,6 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peft-baseline", action="store_true")
+    ap.add_argument("--cold-load", action="store_true", help="also time one adapter's disk -> slot load")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
     device = pick_device("auto")
@@ -199,7 +230,7 @@ def main(argv=None) -> int:
     adapter_counts = [int(a) for a in args.adapters.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
     targets = args.targets.split(",")
-    rows = []
+    rows, extra_rows = [], []
     bw = copy_bandwidth(device)
     for quantize in args.quantize.split(","):
         if args.model == "llama2-7b":
@@ -210,6 +241,10 @@ def main(argv=None) -> int:
                                             quantize=quantize, dtype=args.dtype), keep_hf=args.peft_baseline)
         limit_ms = loaded.weight_bytes / (bw * 1e9) * 1e3 if bw else None
         cache: dict = {}
+        if args.cold_load:
+            cold = cold_load(loaded, ranks[0], targets)
+            print(json.dumps(cold), flush=True)
+            extra_rows.append({**cold, "quantize": quantize})
         for batch in batches:
             base_ms = None
             for n in adapter_counts:
@@ -242,7 +277,7 @@ def main(argv=None) -> int:
                      f"{r['ms_per_step']:.2f} | {r['tok_s']:.0f} | {vs} | {lim} |")
     print("\n".join(table))
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "copy_bandwidth_gb_s": bw, "args": vars(args), "rows": rows}
+            "copy_bandwidth_gb_s": bw, "args": vars(args), "rows": rows, "cold_load": extra_rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=2)
