@@ -55,7 +55,10 @@ def test_cuda_low_precision_logits_match_transformers(tmp_path, quantize, dtype)
         got = torch.stack(rows[h.seq.request_id])
         assert got.shape == ref.shape
         worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
-    assert worst < 3e-2, f"max relative logit difference {worst:.3e}"
+    # LLM.int8() picks outlier columns from the whole batch's activations, so sequences that
+    # share a batch change each other's int8 numerics: a looser bound there.
+    bound = 1e-1 if quantize == "int8" else 3e-2
+    assert worst < bound, f"max relative logit difference {worst:.3e}"
 
 
 def test_cuda_adapters_mixed_batch_graphs_vs_eager_vs_peft(tmp_path):
