@@ -142,9 +142,11 @@ GEMV_NUM_STAGES = 1  # the loop is pipelined by hand; Triton's pipeliner would s
 #   GEMV_NUM_STAGES). GROUP_M swizzles the program order so consecutive programs share weight
 #   tiles in L2. Configs per M bucket: (max_M, BLOCK_M, BLOCK_N, CHUNKS, num_warps, num_stages)
 MM_CONFIGS = (
-    (16, 16, 32, 2, 4, 1),  # GEMV-like decode batches: BLOCK_M=16 (tl.dot minimum), narrow N
-    #                          tiles + split-K to fill the GPU; ~123 regs, 2 KB packed per iteration
-    (32, 32, 32, 2, 4, 1),
+    # M <= 16 and M <= 32: from the H100 sweep (docs/results/gpu_nf4_sweep.json,
+    # `python -m quiver.kernels.bench_nf4 --sweep --m 8 32`): BLOCK_N 64 beat 32 on every shape
+    # (M=8: 19.9 vs 22.5 us on 4096x4096; M=32: 24.0 vs 33.1 us).
+    (16, 16, 64, 1, 4, 1),  # GEMV-like decode batches: BLOCK_M=16 (tl.dot minimum) + split-K
+    (32, 32, 64, 2, 4, 1),
     (128, 64, 64, 1, 4, 1),  # ~125 regs, wgmma
     (1 << 62, 128, 128, 1, 8, 1),  # ~167 regs (prefill: compute-bound, not tuned)
 )
