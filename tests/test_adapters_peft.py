@@ -15,7 +15,7 @@ import torch
 
 from adapter_factory import (bitfit_deltas, bottleneck_blocks, hooked, make_peft_adapter, peft_configs,
                              release_peft, save_quiver_adapters)
-from conftest import hf_greedy, run_to_completion
+from conftest import capture_logits, hf_greedy, run_to_completion
 from quiver.adapters.base import BaseSpec
 from quiver.adapters.manager import AdapterConfig, AdapterManager
 from quiver.server.config import EngineConfig, SamplingParams
@@ -66,30 +66,12 @@ def make_engine(fp32_model, root, **kw):
     return engine, manager
 
 
-def capture_first_logits(engine):
-    first = {}
-    run = engine.runner.run
-
-    def wrapped(scheduled, adapters=None, prefix=None):
-        logits = run(scheduled, adapters, prefix)
-        row = 0
-        for item in scheduled:
-            seq = item.seq
-            if seq.num_computed + item.num_tokens == seq.num_tokens:
-                first.setdefault(seq.request_id, logits[row].clone())
-                row += 1
-        return logits
-
-    engine.runner.run = wrapped
-    return first
-
-
 def test_all_methods_in_one_mixed_batch(fp32_model, suite):
     root, ids, expected = suite
     engine, manager = make_engine(fp32_model, root)
     methods = sorted({m for m, _ in expected})
     assert set(manager.ids()) == set(methods)
-    first = capture_first_logits(engine)
+    rows = capture_logits(engine)
     handles = []
     for i in ids:
         handles.append((None, i, engine.submit(i, SamplingParams(max_new_tokens=NEW))))
@@ -107,7 +89,7 @@ def test_all_methods_in_one_mixed_batch(fp32_model, suite):
             assert res.token_ids == hf_greedy(fp32_model, i, NEW)
             continue
         want_logits, want_tokens = expected[(method, tuple(i))]
-        diff = (first[h.seq.request_id] - want_logits).abs().max().item()
+        diff = (rows[h.seq.request_id][0] - want_logits).abs().max().item()
         if diff > ATOL or res.token_ids != want_tokens:
             failures.append(f"{method}: max logit diff {diff:.2e}, tokens {res.token_ids} vs {want_tokens}")
         assert res.prompt_tokens == len(i)
