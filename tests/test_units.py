@@ -172,3 +172,29 @@ def test_stop_string_cuts_text_and_holds_back_partial_match():
 def test_no_stop_string_streams_everything():
     d = Detokenizer(CharTokenizer(), [])
     assert "".join(push_all(d, "hello")) == "hello" and not d.stopped
+
+
+def test_engine_survives_a_failing_step(fp32_model):
+    """A failure outside the forward pass fails the requests in flight, and the engine goes on."""
+    from quiver.server.engine.engine import Engine
+
+    engine = Engine(fp32_model, EngineConfig(max_model_len=128))
+    real = engine.scheduler.schedule
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real()
+
+    engine.scheduler.schedule = flaky
+    engine.start()
+    try:
+        first = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2)).result()
+        assert first.error and "injected" in first.error
+        second = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2)).result()
+        assert second.error is None and len(second.token_ids) == 2
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.shutdown()

@@ -147,9 +147,14 @@ class Engine:
                 if self._stop:
                     return
                 inbox, self._inbox = self._inbox, []
-            self._take(inbox)
-            if self.scheduler.has_work():
-                self.step()
+            try:
+                self._take(inbox)
+                if self.scheduler.has_work():
+                    self.step()
+            except Exception as exc:  # never let the engine thread die with requests waiting on it
+                log.exception("engine loop failed; failing the requests in flight")
+                for handle in list(self._handles.values()):
+                    self._finish(handle, None, error=f"internal error: {exc}")
 
     def _take(self, inbox: list[tuple[str, RequestHandle]]) -> None:
         for kind, handle in inbox:
