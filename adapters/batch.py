@@ -28,15 +28,12 @@ class AdapterBatch:
         self.token_slot = token_slot  # [T] int32 (a static buffer when replayed in a CUDA graph)
         self.prompt_rows = prompt_rows  # (flat token indices [P], embeddings [P, hidden]) for prompt tuning
         self.lookup: torch.Tensor | None = None
-        self.mapped: torch.Tensor | None = None
 
     def begin(self) -> None:
         self.lookup = self.token_slot.long() + 1  # index into a stack's present map
-        pool = self.pool
-        self.mapped = pool.present_table[: pool.rows_used, self.lookup]  # [stacks, T]: all maps, one gather
 
     def _slots_for(self, st: LowRankStack) -> torch.Tensor:
-        return self.mapped[st.row]  # [T] int32: slot, or -1 where the slot has nothing here
+        return st.present[self.lookup]  # [T] int32: slot, or -1 where the slot has nothing here
 
     def pre_linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
         vec = self.pool.in_scale.get((layer, name))

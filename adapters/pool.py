@@ -25,8 +25,7 @@ class LowRankStack:
     b: torch.Tensor  # [S, out, R]
     ranks: torch.Tensor  # [S] int32 (1 where empty: never read, the slot maps to -1)
     scaling: torch.Tensor  # [S] float32
-    present: torch.Tensor  # [S+1] int32: slot_map (a row of SlotPool.present_table)
-    row: int = 0  # that row
+    present: torch.Tensor  # [S+1] int32: slot_map
     down_bias: torch.Tensor | None = None  # [S, R] (bottleneck)
     up_bias: torch.Tensor | None = None  # [S, out] (bottleneck)
     act_ids: torch.Tensor | None = None  # [S+1] int64 index into ACT_NAMES by slot+1, -1 = none (bottleneck)
@@ -51,11 +50,6 @@ class SlotPool:
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
         self.refs = [0] * num_slots
         self.version = 0  # bumped whenever a new stack is allocated
-        # Every stack's slot map is a row of one table, so a step maps its tokens through all of
-        # them with one gather (AdapterBatch.begin) instead of one per projection.
-        rows = 2 * base.n_layers * len(base.shapes)  # LoRA + bottleneck stacks per projection
-        self.present_table = torch.full((rows, num_slots + 1), -1, dtype=torch.int32, device=device)
-        self.rows_used = 0
         self.on_evict = None  # callback(slot, weights), e.g. to free prefix KV blocks
 
     # ---- slot bookkeeping ----
@@ -103,11 +97,10 @@ class SlotPool:
                 a=z(self.S, self.R, in_f), b=z(self.S, out_f, self.R),
                 ranks=torch.ones(self.S, dtype=torch.int32, device=self.device),
                 scaling=torch.zeros(self.S, dtype=torch.float32, device=self.device),
-                present=self.present_table[self.rows_used], row=self.rows_used,
+                present=torch.full((self.S + 1,), -1, dtype=torch.int32, device=self.device),
                 down_bias=z(self.S, self.R) if biased else None, up_bias=z(self.S, out_f) if biased else None,
                 act_ids=torch.full((self.S + 1,), -1, dtype=torch.long, device=self.device) if biased else None,
             )
-            self.rows_used += 1
             self.version += 1  # captured CUDA graphs do not know this stack yet
         return table[key]
 
