@@ -2,10 +2,13 @@
 
 Apply: y += B ((A * E) x) * scaling / (ranknum + 1e-5), scaling = lora_alpha (or r when 0).
 Ranks pruned by AdaLoRA (E == 0) are dropped at load, so each layer is served at its own
-effective rank; the result is an ordinary LoraDelta.
+effective rank; the result is an ordinary LoraDelta. Saving: a served AdaLoRA adapter is an
+ordinary LoRA, written with quiver.adapters.lora.save_lora (P, Λ, Q are not recoverable).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,8 +18,23 @@ from quiver.adapters.lora import group_by_module
 from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
 
 
+@dataclass
+class AdaLoraConfig:
+    lora_alpha: float = 0.0  # 0 = use each layer's rank
+    target_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha < 0:
+            raise AdapterError(f"lora_alpha must be >= 0, got {self.lora_alpha}")
+
+    @classmethod
+    def from_json(cls, cfg: dict) -> "AdaLoraConfig":
+        tm = cfg.get("target_modules") or []
+        return cls(float(cfg.get("lora_alpha", 0) or 0), [tm] if isinstance(tm, str) else list(tm))
+
+
 def load(adapter_id: str, cfg: dict, tensors: dict[str, torch.Tensor], base: BaseSpec, max_rank: int) -> AdapterWeights:
-    alpha = float(cfg.get("lora_alpha", 0) or 0)
+    alpha = AdaLoraConfig.from_json(cfg).lora_alpha
     w = AdapterWeights(AdapterInfo(adapter_id, "adalora"))
     for (layer, proj), parts in group_by_module(tensors, base).items():
         where = f"layer {layer} {proj}"

@@ -12,13 +12,9 @@ from __future__ import annotations
 import torch
 
 from quiver.adapters.base import BaseSpec
-from quiver.adapters.files import AdapterError, check_shape, write_adapter_dir
+from quiver.adapters.files import AdapterError, check_shape, module_name, write_adapter_dir
 from quiver.adapters.lora import group_by_module
 from quiver.adapters.weights import AdapterInfo, AdapterWeights, Key
-
-
-def block_of(proj: str) -> str:
-    return "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
 
 
 def load(adapter_id: str, cfg: dict, tensors: dict[str, torch.Tensor], base: BaseSpec, max_rank: int) -> AdapterWeights:
@@ -35,6 +31,6 @@ def load(adapter_id: str, cfg: dict, tensors: dict[str, torch.Tensor], base: Bas
 
 
 def save(path, deltas: dict[Key, torch.Tensor], base_model: str = "") -> None:
-    tensors = {f"model.layers.{l}.{block_of(p)}.{p}.bias_delta": t for (l, p), t in deltas.items()}
+    tensors = {f"{module_name(l, p, peft=False)}.bias_delta": t for (l, p), t in deltas.items()}
     write_adapter_dir(path, {"peft_type": "BITFIT", "target_modules": sorted({p for _, p in deltas}),
                              "base_model_name_or_path": base_model}, tensors)

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from quiver.adapters.base import BaseSpec
-from quiver.adapters.bitfit import block_of
-from quiver.adapters.files import AdapterError, check_shape, write_adapter_dir
+from quiver.adapters.files import AdapterError, check_shape, module_name, write_adapter_dir
 from quiver.adapters.lora import group_by_module
 from quiver.adapters.weights import AdapterInfo, AdapterWeights, Bottleneck, Key
 
@@ -58,7 +57,7 @@ def reference_apply(y: torch.Tensor, bn: Bottleneck) -> torch.Tensor:
 def save(path, blocks: dict[Key, Bottleneck], act: str, base_model: str = "") -> None:
     tensors = {}
     for (l, p), bn in blocks.items():
-        pre = f"model.layers.{l}.{block_of(p)}.{p}"
+        pre = module_name(l, p, peft=False)
         tensors.update({f"{pre}.adapter_down.weight": bn.down, f"{pre}.adapter_down.bias": bn.down_bias,
                         f"{pre}.adapter_up.weight": bn.up, f"{pre}.adapter_up.bias": bn.up_bias})
     r = max(bn.rank for bn in blocks.values())

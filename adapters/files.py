@@ -71,6 +71,13 @@ def parse_key(name: str) -> tuple[int, str, str]:
     return layer, proj, rest
 
 
+def module_name(layer: int, proj: str, peft: bool = True) -> str:
+    """Tensor-name prefix of a projection: PEFT's `base_model.model.model.layers.3.self_attn.q_proj`
+    (peft=True) or Quiver's own formats' `model.layers.3.self_attn.q_proj`."""
+    block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"{'base_model.model.' if peft else ''}model.layers.{layer}.{block}.{proj}"
+
+
 def check_layer(layer: int, n_layers: int, name: str) -> None:
     if layer >= n_layers:
         raise AdapterError(f"tensor {name!r} targets layer {layer}; the base model has {n_layers} layers")

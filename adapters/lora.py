@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quiver.adapters.base import BaseSpec
-from quiver.adapters.files import AdapterError, check_layer, check_shape, parse_key
+from quiver.adapters.files import AdapterError, check_layer, check_shape, module_name, parse_key, write_adapter_dir
 from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
 
 
@@ -50,10 +50,10 @@ class LoraConfig:
                    fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)), bias=cfg.get("bias", "none") or "none")
 
 
-def pattern_value(patterns: dict, module_name: str, default):
+def pattern_value(patterns: dict, name: str, default):
     """PEFT's rule: a pattern key matches the full module name or a dotted suffix of it."""
     for key, value in patterns.items():
-        if module_name == key or re.fullmatch(rf"(.*\.)?{key}", module_name):
+        if name == key or re.fullmatch(rf"(.*\.)?{key}", name):
             return value
     return default
 
@@ -85,8 +85,7 @@ def load(adapter_id: str, cfg: dict, tensors: dict[str, torch.Tensor], base: Bas
             raise AdapterError(f"{where}: rank {r} is above this server's maximum {max_rank}")
         check_shape(a, (r, in_f), f"{where} lora_A")
         check_shape(b, (out_f, r), f"{where} lora_B")
-        module_name = f"model.layers.{layer}.{'self_attn' if proj.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{proj}"
-        alpha = float(pattern_value(config.alpha_pattern, module_name, config.lora_alpha))
+        alpha = float(pattern_value(config.alpha_pattern, module_name(layer, proj, peft=False), config.lora_alpha))
         scale = lora_scale(alpha, r, config.use_rslora)
         w.lora[(layer, proj)] = LoraDelta(a, b, scale)
         if config.use_dora:
@@ -107,17 +106,23 @@ def load(adapter_id: str, cfg: dict, tensors: dict[str, torch.Tensor], base: Bas
     return w
 
 
-def save_lora(path, deltas: dict[tuple[int, str], LoraDelta], r: int, alpha: float, base_model: str, **extra) -> None:
-    """Writes LoRA deltas in the PEFT format (used by the trainer and by tests)."""
-    from quiver.adapters.files import write_adapter_dir
+def save_lora(path, deltas: dict[tuple[int, str], LoraDelta], base_model: str = "") -> None:
+    """Writes LoRA deltas in the PEFT format (PeftModel.from_pretrained reads it).
 
-    tensors = {}
+    Each delta's scale is folded into B and its module gets alpha = rank (scale 1) through
+    rank_pattern / alpha_pattern, so any mix of ranks and scales (AdaLoRA, mixes) round-trips.
+    """
+    r = max(d.rank for d in deltas.values())
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for (layer, proj), d in deltas.items():
-        block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        prefix = f"base_model.model.model.layers.{layer}.{block}.{proj}"
+        prefix = module_name(layer, proj)
         tensors[f"{prefix}.lora_A.weight"] = d.a
-        tensors[f"{prefix}.lora_B.weight"] = d.b
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        tensors[f"{prefix}.lora_B.weight"] = d.b * d.scale
+        if d.rank != r:
+            name = module_name(layer, proj, peft=False)
+            rank_pattern[name] = alpha_pattern[name] = d.rank
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r,
               "target_modules": sorted({p for _, p in deltas}), "base_model_name_or_path": base_model,
-              "bias": "none", "use_rslora": False, "use_dora": False, **extra}
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "bias": "none",
+              "use_rslora": False, "use_dora": False}
     write_adapter_dir(path, config, tensors)

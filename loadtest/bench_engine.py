@@ -134,7 +134,7 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     base = BaseSpec.from_model(loaded.model)
     root = Path(tempfile.mkdtemp())
     w = random_lora(0, base, rank, targets, loaded.device)
-    save_lora(root / "cold", w.lora, r=rank, alpha=2.0 * rank, base_model=loaded.name)
+    save_lora(root / "cold", w.lora, base_model=loaded.name)
     pool = SlotPool(base, 4, rank, loaded.dtype, loaded.device)
     pool.load(w)  # allocate the stacks once, as a warm server has
     disk, slot = [], []

@@ -86,9 +86,15 @@ def test_foreign_base_name_is_a_warning_not_an_error(tmp_path, base):
 
 
 def test_save_lora_roundtrip(tmp_path, base):
-    deltas = {(2, "v_proj"): LoraDelta(torch.randn(3, 576), torch.randn(192, 3), 2.0)}
-    save_lora(tmp_path / "x", deltas, r=3, alpha=6.0, base_model="m")
+    deltas = {(2, "v_proj"): LoraDelta(torch.randn(3, 576), torch.randn(192, 3), 2.0),
+              (5, "down_proj"): LoraDelta(torch.randn(7, 1536), torch.randn(576, 7), 0.25)}
+    save_lora(tmp_path / "x", deltas, base_model="m")
     w = load_adapter(tmp_path / "x", base, max_rank=8)
-    d = w.lora[(2, "v_proj")]
-    assert torch.equal(d.a, deltas[(2, "v_proj")].a) and d.scale == 2.0
+    x = torch.randn(4, 576)
+    for key, d in deltas.items():
+        got = w.lora[key]
+        assert got.rank == d.rank
+        assert torch.equal(got.a, d.a)
+        xin = x if key[1] != "down_proj" else torch.randn(4, 1536)
+        torch.testing.assert_close(got.scale * (xin @ got.a.T @ got.b.T), d.scale * (xin @ d.a.T @ d.b.T))
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -193,3 +193,39 @@ def test_grpc_serves_every_method_by_folder_name(fp32_model, suite, tmp_path):
         import shutil
 
         shutil.rmtree(broken)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "prefix", "prompt"])
+def test_quiver_writes_what_peft_reads(fp32_model, suite, tmp_path, method):
+    """Load a PEFT adapter, write it back with Quiver's writer, and let PEFT serve the copy:
+    same next-token logits as the original (the trainer writes adapters this way)."""
+    from peft import PeftModel
+
+    from quiver.adapters import ia3, prefix, prompt
+    from quiver.adapters.lora import save_lora
+    from quiver.adapters.methods import load_adapter
+
+    root, ids, expected = suite
+    base = BaseSpec.from_model(fp32_model.model)
+    w = load_adapter(root / method, base, max_rank=64)
+    out = tmp_path / method
+    if method in ("lora", "adalora"):
+        save_lora(out, w.lora, base_model="m")
+    elif method == "ia3":
+        ia3.save(out, w)
+    elif method == "prefix":
+        prefix.save(out, w)
+    else:
+        prompt.save(out, w, n_layers=base.n_layers)
+    again = load_adapter(out, base, max_rank=64)
+    assert again.info.method == ("lora" if method == "adalora" else w.info.method)
+    pm = PeftModel.from_pretrained(fp32_model.hf_model, str(out))
+    try:
+        t = torch.tensor([ids[0]])
+        with torch.inference_mode():
+            logits = pm(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, -1].float()
+    finally:
+        if not pm.peft_config["default"].is_prompt_learning:
+            pm.unload()
+    diff = (logits - expected[(method, tuple(ids[0]))][0]).abs().max().item()
+    assert diff < ATOL, f"{method}: max logit diff {diff:.2e}"
