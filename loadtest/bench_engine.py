@@ -6,7 +6,8 @@
 
 For each (quantize, batch, adapters): `batch` sequences with `--prompt-len` random prompt
 tokens are prefilled, then `--steps` decode steps are timed (CUDA-synchronised). Sequence i
-uses adapter i % adapters (0 = base model only): rank-`--ranks` LoRA on `--targets`.
+uses adapter i % adapters (0 = base model only). Adapters cycle over `--methods` (lora,
+ia3, prefix with 16 virtual tokens); LoRAs take ranks cycling over `--ranks` on `--targets`.
 Reported: ms per decode step, output tok/s, and the ratio against no adapters in the same
 run; on CUDA also the weight-bandwidth limit measured in the run (a device-to-device copy).
 `--peft-baseline` adds HF transformers + PEFT mixed-batch `generate(adapter_names=...)`.
@@ -78,12 +79,40 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def random_ia3(idx: int, base: BaseSpec) -> AdapterWeights:
+    """(IA)3 on keys, values and the FFN hidden (PEFT's default Llama targets)."""
+    g = torch.Generator().manual_seed(idx)
+    w = AdapterWeights(AdapterInfo(f"bench-{idx}", "ia3", target_modules=["k_proj", "v_proj", "down_proj"]))
+    for layer in range(base.n_layers):
+        for proj in ("k_proj", "v_proj"):
+            w.out_scale[(layer, proj)] = 1 + 0.01 * torch.randn(base.shapes[proj][0], generator=g)
+        w.in_scale[(layer, "down_proj")] = 1 + 0.01 * torch.randn(base.shapes["down_proj"][1], generator=g)
+    return w
+
+
+def random_prefix(idx: int, base: BaseSpec, n_virtual: int = 16) -> AdapterWeights:
+    g = torch.Generator().manual_seed(idx)
+    kv = torch.randn(base.n_layers, 2, n_virtual, base.n_kv_heads, base.head_dim, generator=g) * 0.1
+    return AdapterWeights(AdapterInfo(f"bench-{idx}", "prefix_tuning", rank=n_virtual), prefix_kv=kv)
+
+
+def bench_adapter(i: int, base: BaseSpec, ranks: list[int], targets: list[str], methods: list[str],
+                  device: torch.device) -> AdapterWeights:
+    """Adapter i of the benchmark: methods cycle over adapters (lora ranks cycle among LoRAs)."""
+    kind = methods[i % len(methods)]
+    if kind == "ia3":
+        return random_ia3(i, base)
+    if kind == "prefix":
+        return random_prefix(i, base)
+    return random_lora(i, base, ranks[(i // len(methods)) % len(ranks)], targets, device)
+
+
 def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[int], targets: list[str],
-                prompt_len: int, steps: int, manager_cache: dict) -> dict:
+                prompt_len: int, steps: int, manager_cache: dict, methods: list[str] = ("lora",)) -> dict:
     device = loaded.device
     manager = None
     if n_adapters:
-        key = (n_adapters, tuple(ranks), tuple(targets))
+        key = (n_adapters, tuple(ranks), tuple(targets), tuple(methods))
         if key not in manager_cache:
             import tempfile
 
@@ -92,14 +121,14 @@ def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[in
                                              max_rank=max(ranks), cpu_cache=n_adapters + 1),
                                base, loaded.name, loaded.dtype, device)
             for i in range(n_adapters):
-                m.add(random_lora(i, base, ranks[i % len(ranks)], targets, device))
+                m.add(bench_adapter(i, base, ranks, targets, list(methods), device))
             manager_cache[key] = m
         manager = manager_cache[key]
         manager.pool = type(manager.pool)(manager.base, min(n_adapters, batch), max(ranks), loaded.dtype, device)
         manager.pool.on_evict = manager._evicted
-    max_len = prompt_len + steps + 8
+    max_len = prompt_len + steps + 8 + (16 if "prefix" in methods else 0)
     cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(batch, min(batch * prompt_len, 8192)),
-                       max_model_len=max_len, num_blocks=batch * (-(-max_len // 16)) + 8)
+                       max_model_len=max_len, num_blocks=batch * (-(-max_len // 16) + 1) + 8)  # + shared prefix blocks
     engine = Engine(loaded, cfg, adapters=manager)
     g = torch.Generator().manual_seed(0)
     vocab = loaded.model.embed.shape[0]
@@ -221,6 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", default="0,32")
     ap.add_argument("--ranks", default="16", help="comma list, cycled over adapters (e.g. 8,16,32,64)")
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--methods", default="lora",
+                    help="comma list cycled over adapters: lora, ia3, prefix (e.g. lora,lora,ia3,prefix)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peft-baseline", action="store_true")
@@ -250,8 +281,10 @@ def main(argv=None) -> int:
         for batch in batches:
             base_ms = None
             for n in adapter_counts:
-                r = time_decode(loaded, batch, n, ranks, targets, args.prompt_len, args.steps, cache)
-                r.update(system="quiver", quantize=quantize, weight_mib=loaded.weight_bytes / 2**20)
+                r = time_decode(loaded, batch, n, ranks, targets, args.prompt_len, args.steps, cache,
+                                args.methods.split(","))
+                r.update(system="quiver", quantize=quantize, weight_mib=loaded.weight_bytes / 2**20,
+                         methods=args.methods, ranks=args.ranks)
                 if n == 0:
                     base_ms = r["ms_per_step"]
                 r["vs_no_adapters"] = r["ms_per_step"] / base_ms if base_ms else None
