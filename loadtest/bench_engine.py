@@ -104,7 +104,9 @@ def bench_adapter(i: int, base: BaseSpec, ranks: list[int], targets: list[str], 
         return random_ia3(i, base)
     if kind == "prefix":
         return random_prefix(i, base)
-    return random_lora(i, base, ranks[(i // len(methods)) % len(ranks)], targets, device)
+    pos = i % len(methods)
+    k = (i // len(methods)) * methods.count("lora") + methods[:pos].count("lora")  # index among the LoRAs
+    return random_lora(i, base, ranks[k % len(ranks)], targets, device)
 
 
 def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[int], targets: list[str],
