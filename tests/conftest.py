@@ -113,3 +113,19 @@ def capture_logits(engine) -> dict[int, list[torch.Tensor]]:
 
     engine.runner.run = wrapped
     return rows
+
+
+def triton_runnable(has_triton: bool, kernel) -> tuple[bool, str]:
+    """Whether a Triton kernel can run here: on CUDA, or on CPU under TRITON_INTERPRET=1.
+
+    Triton decorates kernels when imported; if it was imported before TRITON_INTERPRET=1 was
+    set, kernels cannot run on the CPU (this conftest sets it first for that reason)."""
+    if not has_triton:
+        return False, "triton is not importable"
+    if torch.cuda.is_available():
+        return True, ""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        return False, "triton was imported before TRITON_INTERPRET=1 was set; set it in the environment"
+    return True, ""

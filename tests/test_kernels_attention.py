@@ -24,6 +24,8 @@ import os
 import pytest
 import torch
 
+from conftest import triton_runnable
+
 CUDA = torch.cuda.is_available()
 if not CUDA:  # must happen before triton is imported (kernels are decorated at import time)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -31,19 +33,7 @@ if not CUDA:  # must happen before triton is imported (kernels are decorated at 
 from quiver.kernels import attention as A  # noqa: E402
 
 
-def _triton_runnable() -> tuple[bool, str]:
-    if not A.HAS_TRITON:
-        return False, "triton is not importable"
-    if CUDA:
-        return True, ""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(A._paged_decode_split_kernel, InterpretedFunction):
-        return False, "triton was imported before TRITON_INTERPRET=1 was set; set it in the environment"
-    return True, ""
-
-
-_TRITON_OK, _TRITON_WHY = _triton_runnable()
+_TRITON_OK, _TRITON_WHY = triton_runnable(A.HAS_TRITON, A._paged_decode_split_kernel)
 needs_triton = pytest.mark.skipif(not _TRITON_OK, reason=_TRITON_WHY)
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
 DEV = "cuda" if CUDA else "cpu"

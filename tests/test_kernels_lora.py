@@ -20,6 +20,8 @@ import sys
 import pytest
 import torch
 
+from conftest import triton_runnable
+
 CUDA = torch.cuda.is_available()
 if not CUDA:  # must happen before triton is imported (kernels are decorated at import time)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -29,21 +31,7 @@ from quiver.kernels import lora as L  # noqa: E402
 from quiver.kernels import scale as SC  # noqa: E402
 
 
-def _triton_runnable() -> tuple[bool, str]:
-    if not L.HAS_TRITON:
-        return False, "triton is not importable"
-    if CUDA:
-        return True, ""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(L._bgmv_shrink_kernel, InterpretedFunction):
-        # Triton decorates kernels (its own helpers too) when imported: if it was imported
-        # before TRITON_INTERPRET=1 was set (by another test module), it cannot run on CPU.
-        return False, "triton was imported before TRITON_INTERPRET=1 was set; set it in the environment"
-    return True, ""
-
-
-_TRITON_OK, _TRITON_WHY = _triton_runnable()
+_TRITON_OK, _TRITON_WHY = triton_runnable(L.HAS_TRITON, L._bgmv_shrink_kernel)
 needs_triton = pytest.mark.skipif(not _TRITON_OK, reason=_TRITON_WHY)
 DEV = "cuda" if CUDA else "cpu"
 
