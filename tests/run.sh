@@ -2,5 +2,5 @@
 # Sets up (first run) and runs the CPU test suite; GPU-marked tests skip without CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash deploy/setup.sh
 exec .venv/bin/python -m pytest -q "$@"
