@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from quiver.adapters.weights import AdapterInfo
 from quiver.server.model import PROJECTIONS
 
 CONFIG_NAME = "adapter_config.json"
@@ -32,22 +33,10 @@ class AdapterError(ValueError):
 
 def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(f"{path} is not a directory")
-    pickled = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if pickled:
-        raise AdapterError(f"refusing non-safetensors weight files {pickled}: convert them to {WEIGHTS_NAME}")
-    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not cfg_path.is_file():
-        raise AdapterError(f"{path.name}: missing {CONFIG_NAME}")
+    config = read_config(path)
+    w_path = path / WEIGHTS_NAME
     if not w_path.is_file():
         raise AdapterError(f"{path.name}: missing {WEIGHTS_NAME}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path.name}: {CONFIG_NAME} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path.name}: {CONFIG_NAME} must hold a JSON object")
     try:
         tensors = load_file(str(w_path))
     except Exception as exc:  # safetensors raises its own error types
@@ -58,6 +47,42 @@ def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if not torch.isfinite(t).all():
             raise AdapterError(f"{path.name}: tensor {name} holds NaN or Inf")
     return config, {k: v.float() for k, v in tensors.items()}
+
+
+def read_config(path: Path) -> dict:
+    """adapter_config.json of an adapter directory, after refusing pickled weight files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path} is not a directory")
+    pickled = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise AdapterError(f"refusing non-safetensors weight files {pickled}: convert them to {WEIGHTS_NAME}")
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterError(f"{path.name}: missing {CONFIG_NAME}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path.name}: {CONFIG_NAME} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path.name}: {CONFIG_NAME} must hold a JSON object")
+    return config
+
+
+def summarize_adapter_dir(path: Path):
+    """AdapterInfo from the config and file size only (no tensors read): for listings."""
+    path = Path(path)
+    cfg = read_config(path)
+    if not (path / WEIGHTS_NAME).is_file():
+        raise AdapterError(f"{path.name}: missing {WEIGHTS_NAME}")
+    kind = str(cfg.get("peft_type", "")).lower()
+    method = {"lora": "dora" if cfg.get("use_dora") else "lora", "prefix_tuning": "prefix_tuning",
+              "prompt_tuning": "prompt_tuning", "p_tuning": "prompt_tuning"}.get(kind, kind)
+    targets = cfg.get("target_modules") or []
+    return AdapterInfo(path.name, method, rank=int(cfg.get("r") or cfg.get("num_virtual_tokens") or 0),
+                       target_modules=[targets] if isinstance(targets, str) else sorted(targets),
+                       base_model=cfg.get("base_model_name_or_path"),
+                       size_bytes=(path / WEIGHTS_NAME).stat().st_size)
 
 
 def parse_key(name: str) -> tuple[int, str, str]:

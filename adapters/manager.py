@@ -23,7 +23,7 @@ import torch
 
 from quiver.adapters.base import BaseSpec
 from quiver.adapters.batch import AdapterBatch
-from quiver.adapters.files import CONFIG_NAME, AdapterError
+from quiver.adapters.files import CONFIG_NAME, AdapterError, summarize_adapter_dir
 from quiver.adapters.methods import load_adapter
 from quiver.adapters.mix import compose, mix_id
 from quiver.adapters.pool import SlotPool
@@ -109,10 +109,14 @@ class AdapterManager:
         return self._weights(adapter_id).info
 
     def list(self) -> list[AdapterInfo]:
+        """Every adapter on disk, from its config alone (cheap for thousands of adapters);
+        loaded adapters report their full info. GetAdapter validates the weights too."""
         out = []
         for adapter_id in self.ids():
+            with self.lock:
+                loaded = self.cpu.get(adapter_id)
             try:
-                out.append(self.info(adapter_id))
+                out.append(loaded.info if loaded is not None else summarize_adapter_dir(self.root / adapter_id))
             except AdapterError as exc:
                 out.append(AdapterInfo(adapter_id, "invalid", warnings=[str(exc)]))
         return out

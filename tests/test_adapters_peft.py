@@ -229,3 +229,14 @@ def test_quiver_writes_what_peft_reads(fp32_model, suite, tmp_path, method):
             pm.unload()
     diff = (logits - expected[(method, tuple(ids[0]))][0]).abs().max().item()
     assert diff < ATOL, f"{method}: max logit diff {diff:.2e}"
+
+
+def test_listing_reads_configs_only(fp32_model, suite):
+    root, _, expected = suite
+    _, manager = make_engine(fp32_model, root)
+    listed = {i.adapter_id: i for i in manager.list()}
+    assert not manager.cpu, "listing must not load adapter weights"
+    assert {m for m, _ in expected} == set(listed)
+    assert listed["dora"].method == "dora" and listed["lora"].rank == 8 and listed["prefix"].rank == 6
+    assert listed["ia3"].method == "ia3" and listed["bottleneck"].method == "bottleneck"
+    assert all(i.size_bytes > 0 for i in listed.values())
