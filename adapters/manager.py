@@ -60,8 +60,8 @@ class AdapterManager:
         if not self.root.is_dir():
             raise AdapterError(f"adapter directory {self.root} does not exist")
         self.base, self.base_name = base, base_name
-        self.pool = SlotPool(base, cfg.num_slots, cfg.max_rank, dtype, device)
-        self.pool.on_evict = self._evicted
+        self.dtype, self.device = dtype, device
+        self.reset_pool(cfg.num_slots)
         self.cpu: OrderedDict[str, AdapterWeights] = OrderedDict()
         self.lock = threading.Lock()
         self.engine = None
@@ -174,6 +174,11 @@ class AdapterManager:
         for layer in range(len(kv.k)):
             kv.k[layer][slots] = w.prefix_kv[layer, 0].to(kv.k[layer].device, kv.k[layer].dtype)
             kv.v[layer][slots] = w.prefix_kv[layer, 1].to(kv.v[layer].device, kv.v[layer].dtype)
+
+    def reset_pool(self, num_slots: int) -> None:
+        """A fresh, empty accelerator pool (at start; benchmarks resize it between runs)."""
+        self.pool = SlotPool(self.base, num_slots, self.cfg.max_rank, self.dtype, self.device)
+        self.pool.on_evict = self._evicted
 
     def _evicted(self, slot: int, weights: AdapterWeights) -> None:
         if slot in self.prefix_blocks:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from quiver.adapters.base import BaseSpec
+from quiver.adapters.bottleneck import ACTIVATIONS
 from quiver.adapters.weights import AdapterWeights, Key
 
 
@@ -31,7 +32,7 @@ class LowRankStack:
     act_ids: torch.Tensor | None = None  # [S+1] int64 index into ACT_NAMES by slot+1, -1 = none (bottleneck)
 
 
-ACT_NAMES = ("relu", "gelu", "silu")
+ACT_NAMES = tuple(ACTIVATIONS)  # act_ids index this
 
 
 class PoolFull(RuntimeError):

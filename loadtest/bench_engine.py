@@ -126,8 +126,7 @@ def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[in
                 m.add(bench_adapter(i, base, ranks, targets, list(methods), device))
             manager_cache[key] = m
         manager = manager_cache[key]
-        manager.pool = type(manager.pool)(manager.base, min(n_adapters, batch), max(ranks), loaded.dtype, device)
-        manager.pool.on_evict = manager._evicted
+        manager.reset_pool(min(n_adapters, batch))
     max_len = prompt_len + steps + 8 + (16 if "prefix" in methods else 0)
     cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(batch, min(batch * prompt_len, 8192)),
                        max_model_len=max_len, num_blocks=batch * (-(-max_len // 16) + 1) + 8)  # + shared prefix blocks

@@ -21,6 +21,10 @@ from quiver.server.requests import GenerateInput, InvalidRequest, encode_prompt
 log = logging.getLogger(__name__)
 
 
+ERROR_CODES = {"unavailable": grpc.StatusCode.UNAVAILABLE, "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+               "internal": grpc.StatusCode.INTERNAL}
+
+
 class AdapterNotFound(KeyError):
     pass
 
@@ -66,11 +70,7 @@ class QuiverService(pb_grpc.QuiverServicer):
     def _check(ev: Event, context) -> None:
         if ev.error is None:
             return
-        if "does not fit" in ev.error:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, ev.error)
-        if "shutting down" in ev.error:
-            context.abort(grpc.StatusCode.UNAVAILABLE, ev.error)
-        context.abort(grpc.StatusCode.INTERNAL, ev.error)
+        context.abort(ERROR_CODES.get(ev.error_kind, grpc.StatusCode.INTERNAL), ev.error)
 
     # ---- RPCs ----
     def Generate(self, request, context):

@@ -39,6 +39,7 @@ class Event:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: str | None = None  # "unavailable" | "resource_exhausted" | "internal" (set with error)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -63,7 +64,7 @@ class RequestHandle:
         for ev in self:
             total.text += ev.text
             total.token_ids += ev.token_ids
-            total.finish_reason, total.error = ev.finish_reason, ev.error
+            total.finish_reason, total.error, total.error_kind = ev.finish_reason, ev.error, ev.error_kind
             total.prompt_tokens, total.completion_tokens = ev.prompt_tokens, ev.completion_tokens
         return total
 
@@ -136,7 +137,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         for handle in list(self._handles.values()):
-            self._finish(handle, None, error="server shutting down")
+            self._finish(handle, None, error="server shutting down", kind="unavailable")
 
     # ---- engine thread ----
     def _loop(self) -> None:
@@ -177,7 +178,7 @@ class Engine:
                 return
             # nothing fits even with an empty batch: refuse the head of the queue
             handle = self._handles[self.scheduler.waiting[0].request_id]
-            self._finish(handle, None, error="request does not fit in the KV cache")
+            self._finish(handle, None, error="request does not fit in the KV cache", kind="resource_exhausted")
             return
         self.steps += 1
         try:
@@ -218,7 +219,8 @@ class Engine:
         handle.events.put(Event(text=text + detok.flush(), token_ids=[token]))
         self._finish(handle, reason)
 
-    def _finish(self, handle: RequestHandle, reason: str | None, error: str | None = None) -> None:
+    def _finish(self, handle: RequestHandle, reason: str | None, error: str | None = None,
+                kind: str = "internal") -> None:
         seq = handle.seq
         if seq.request_id not in self._handles:
             return
@@ -226,5 +228,5 @@ class Engine:
         if self.adapters is not None:
             self.adapters.release(seq)
         del self._handles[seq.request_id], self._detok[seq.request_id], self._gens[seq.request_id]
-        handle.events.put(Event(finish_reason=reason, error=error, prompt_tokens=len(seq.prompt_ids) - seq.virtual_tokens,
+        handle.events.put(Event(finish_reason=reason, error=error, error_kind=kind if error else None, prompt_tokens=len(seq.prompt_ids) - seq.virtual_tokens,
                                 completion_tokens=len(seq.output_ids)))
