@@ -28,9 +28,15 @@ class AdapterBatch:
         self.token_slot = token_slot  # [T] int32 (a static buffer when replayed in a CUDA graph)
         self.prompt_rows = prompt_rows  # (flat token indices [P], embeddings [P, hidden]) for prompt tuning
         self.lookup: torch.Tensor | None = None
+        self.shrink_out: dict = {}
 
     def begin(self) -> None:
         self.lookup = self.token_slot.long() + 1  # index into a stack's present map
+        # one zero-filled [T, R] shrink output per LoRA stack, from a single memset per step
+        keys = list(self.pool.lora)
+        T = self.token_slot.shape[0]
+        ws = torch.zeros(len(keys), T, self.pool.R, dtype=torch.float32, device=self.token_slot.device)
+        self.shrink_out = dict(zip(keys, ws))
 
     def _slots_for(self, st: LowRankStack) -> torch.Tensor:
         return st.present[self.lookup]  # [T] int32: slot, or -1 where the slot has nothing here
@@ -46,10 +52,9 @@ class AdapterBatch:
         key = (layer, name)
         pool = self.pool
         st = pool.lora.get(key)
-        if st is not None:
-            slots = self._slots_for(st)
-            h = lora_shrink(x, st.a, slots, st.ranks)
-            lora_expand(h, st.b, slots, st.ranks, st.scaling, y)
+        if st is not None:  # 2 launches: the kernels map token slots through st.present themselves
+            h = lora_shrink(x, st.a, self.token_slot, st.ranks, slot_map=st.present, out=self.shrink_out.get(key))
+            lora_expand(h, st.b, self.token_slot, st.ranks, st.scaling, y, slot_map=st.present)
         vec = pool.out_scale.get(key)
         if vec is not None:
             scale_by_slot(y, vec, self.token_slot)

@@ -153,6 +153,14 @@ def make_pass(layers, method: str, xs: dict, cfg: dict | None = None, only: tupl
     if method == "ours":
         ops = [(xs[lin["K"]], lin["ours"]) for lin in lins]
         return lambda: [nf4.triton_nf4_linear(x, w, **cfg) for x, w in ops]
+    if method == "words":
+        from quiver.kernels.nf4_words import triton_nf4_words_linear, words_from_nf4
+
+        for lin in lins:
+            if "words" not in lin:
+                lin["words"] = words_from_nf4(lin["ours"])
+        ops = [(xs[lin["K"]], lin["words"], lin["ours"].absmax) for lin in lins]
+        return lambda: [triton_nf4_words_linear(x, w, am, **cfg) for x, w, am in ops]
     raise ValueError(method)
 
 
@@ -293,6 +301,47 @@ def sweep_candidates(M: int) -> list[dict]:
     return c
 
 
+def words_candidates(M: int) -> list[dict]:
+    """Configs of the word-layout kernel (kernels/nf4_words.py) at batch M."""
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    c = []
+    for bn, nw in [(32, 4), (64, 4), (128, 4), (128, 8), (16, 4)]:
+        for ns in (2, 4):
+            for sk in (1, 2, 4):
+                c.append(dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, split_k=sk))
+    return c
+
+
+def run_words_sweep(args) -> dict:
+    """Per (M, shape): bf16, bnb, the byte-layout kernel's defaults and the word-kernel configs."""
+    layers = build_layers(args.layers)
+    results = []
+    for M in args.m:
+        xs = {K: torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16) for K in (HIDDEN, INTER)}
+        for label, (N, K) in SHAPES.items():
+            n_lin = sum(1 for layer in layers for lin in layer if (lin["N"], lin["K"]) == (N, K))
+            base = {m: time_graph(make_pass(layers, m, xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin
+                    for m in ("bf16", "bnb", "ours")}
+            res = []
+            for cfg in words_candidates(M):
+                try:
+                    us = time_graph(make_pass(layers, "words", xs, cfg, only=(N, K)), reps=args.reps) * 1e3 / n_lin
+                except Exception as e:
+                    torch.cuda.synchronize()
+                    print(f"  M={M} {label} {cfg}: failed {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                    continue
+                res.append((us, cfg))
+            res.sort(key=lambda t: t[0])
+            w_bytes = N * K // 2 + (K // 64) * N * 4
+            print(f"M={M} {label}: bf16 {base['bf16']:.1f} us, bnb {base['bnb']:.1f}, bytes-kernel {base['ours']:.1f}")
+            for us, cfg in res[:4]:
+                print(f"   words {us:8.1f} us  {w_bytes / (us * 1e-6) / 1e9:6.0f} GB/s  {cfg}")
+            results.append(dict(M=M, shape=label, **{f"{k}_us": v for k, v in base.items()},
+                                ranked=[dict(us=us, cfg=cfg) for us, cfg in res]))
+        del xs
+    return dict(words_sweep=results)
+
+
 def run_sweep(args) -> dict:
     layers = build_layers(args.layers)
     results = []
@@ -334,6 +383,8 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 8, 32, 128], help="batch sizes (tokens)")
     ap.add_argument("--reps", type=int, default=20, help="timed replays per measurement (median)")
     ap.add_argument("--sweep", action="store_true", help="sweep kernel configs per (M, shape) instead")
+    ap.add_argument("--words-sweep", action="store_true",
+                    help="sweep the word-layout kernel (kernels/nf4_words.py) against bf16, bnb and the byte kernel")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_nf4 needs a CUDA device", file=sys.stderr)
@@ -349,7 +400,7 @@ def main(argv=None) -> int:
                 torch=torch.__version__, triton=triton.__version__, bitsandbytes=bnb.__version__,
                 layers=args.layers, scaled_to_layers=N_LAYERS, ms=args.m, reps=args.reps)
     with torch.inference_mode():
-        res = run_sweep(args) if args.sweep else run_bench(args)
+        res = run_words_sweep(args) if args.words_sweep else run_sweep(args) if args.sweep else run_bench(args)
     res["meta"] = meta
     if args.out:
         with open(args.out, "w") as f:

@@ -146,6 +146,22 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _mapped(token_slot: torch.Tensor, slot_map: torch.Tensor | None) -> torch.Tensor:
+    """The stack slot of every token: slot_map[token_slot + 1], or token_slot itself."""
+    if slot_map is None:
+        return token_slot
+    assert slot_map.dim() == 1 and slot_map.dtype == torch.int32, "slot_map must be [S'+1] int32"
+    return slot_map[token_slot.long() + 1]
+
+
+def _h_out(out: torch.Tensor | None, T: int, R: int, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.zeros(T, R, dtype=torch.float32, device=device)
+    assert out.shape == (T, R) and out.dtype == torch.float32 and out.stride(1) == 1, \
+        f"out must be [T, R] = {(T, R)} float32 with contiguous rows"
+    return out
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -254,6 +270,9 @@ def reference_lora_shrink(
     a_stack: torch.Tensor,  # [S, R, H_in] same dtype as x
     token_slot: torch.Tensor,  # [T]      int32, -1 = no adapter
     ranks: torch.Tensor,  # [S]            int32, 0 < ranks[s] <= R
+    *,
+    slot_map: torch.Tensor | None = None,  # [S'+1] int32: slot of the stack = slot_map[token_slot + 1]
+    out: torch.Tensor | None = None,  # [T, R] float32, zero-filled: written instead of a new h
 ) -> torch.Tensor:  # h [T, R] float32
     """BGMV shrink (reference).
 
@@ -268,8 +287,9 @@ def reference_lora_shrink(
     T, H_in, S, R = _check_shrink_args(x, a_stack, ranks)
     _check_index(token_slot, "token_slot", T)
     _check_same_device(x=x, a_stack=a_stack, token_slot=token_slot, ranks=ranks)
+    token_slot = _mapped(token_slot, slot_map)
     _check_reference_values(ranks, R, token_slot, S)
-    h = torch.zeros(T, R, dtype=torch.float32, device=x.device)
+    h = _h_out(out, T, R, x.device)
     for s in torch.unique(token_slot).tolist():
         if s < 0:
             continue
@@ -286,6 +306,8 @@ def reference_lora_expand(
     ranks: torch.Tensor,  # [S]            int32
     scaling: torch.Tensor,  # [S]          float32
     y: torch.Tensor,  # [T, H_out]         updated in place
+    *,
+    slot_map: torch.Tensor | None = None,  # [S'+1] int32: slot of the stack = slot_map[token_slot + 1]
 ) -> torch.Tensor:  # y
     """BGMV expand (reference), in place on y; returns y.
 
@@ -298,6 +320,7 @@ def reference_lora_expand(
     T, H_out, S, R = _check_expand_args(h, b_stack, ranks, scaling, y)
     _check_index(token_slot, "token_slot", T)
     _check_same_device(h=h, b_stack=b_stack, token_slot=token_slot, ranks=ranks, scaling=scaling, y=y)
+    token_slot = _mapped(token_slot, slot_map)
     _check_reference_values(ranks, R, token_slot, S)
     for s in torch.unique(token_slot).tolist():
         if s < 0:
@@ -391,6 +414,7 @@ if HAS_TRITON:
         x_ptr,  # [T, H_in]
         a_ptr,  # [S, R, H_in]
         slot_ptr,  # [T] int32
+        map_ptr,  # [S'+1] int32 slot map (HAS_MAP) or dummy
         rank_ptr,  # [S] int32
         h_ptr,  # [T, R] float32, zero-initialised
         H_in,
@@ -402,11 +426,14 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
+        HAS_MAP: tl.constexpr,
     ):
         t = tl.program_id(0)
         pid_r = tl.program_id(1)
         pid_k = tl.program_id(2)
         slot = tl.load(slot_ptr + t)
+        if HAS_MAP:  # token slot -> this stack's slot (or -1)
+            slot = tl.load(map_ptr + slot + 1)
         has = slot >= 0
         slot_c = tl.maximum(slot, 0).to(tl.int64)
         rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
@@ -440,6 +467,7 @@ if HAS_TRITON:
         h_ptr,  # [T, R]
         b_ptr,  # [S, H_out, R]
         slot_ptr,  # [T] int32
+        map_ptr,  # [S'+1] int32 slot map (HAS_MAP) or dummy
         rank_ptr,  # [S] int32
         scale_ptr,  # [S] float32
         y_ptr,  # [T, H_out], in place
@@ -450,10 +478,13 @@ if HAS_TRITON:
         stride_yt,
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        HAS_MAP: tl.constexpr,
     ):
         t = tl.program_id(0)
         pid_n = tl.program_id(1)
         slot = tl.load(slot_ptr + t)
+        if HAS_MAP:  # token slot -> this stack's slot (or -1)
+            slot = tl.load(map_ptr + slot + 1)
         has = slot >= 0
         slot_c = tl.maximum(slot, 0).to(tl.int64)
         rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
@@ -608,6 +639,8 @@ def triton_lora_shrink(
     block_k: int = BGMV_SHRINK_BLOCK_K,
     split_k: int | None = None,  # default: enough to reach BGMV_SHRINK_TARGET_PROGRAMS
     num_warps: int = BGMV_SHRINK_NUM_WARPS,
+    slot_map: torch.Tensor | None = None,  # [S'+1] int32: slot of the stack = slot_map[token_slot + 1]
+    out: torch.Tensor | None = None,  # [T, R] float32, zero-filled: written instead of a new h
 ) -> torch.Tensor:  # h [T, R] float32
     """BGMV shrink (Triton). Grid (T, cdiv(R, BLOCK_R), SPLIT_K), one token per program.
 
@@ -626,7 +659,7 @@ def triton_lora_shrink(
     T, H_in, S, R = _check_shrink_args(x, a_stack, ranks)
     _check_index(token_slot, "token_slot", T)
     _check_same_device(x=x, a_stack=a_stack, token_slot=token_slot, ranks=ranks)
-    h = torch.zeros(T, R, dtype=torch.float32, device=x.device)
+    h = _h_out(out, T, R, x.device)
     if T == 0:
         return h
     block_r = block_r or min(_next_pow2(R), BGMV_SHRINK_MAX_BLOCK_R)
@@ -638,10 +671,10 @@ def triton_lora_shrink(
     grid = (T, n_rb, split_k)
     with _device_ctx(x):
         _bgmv_shrink_kernel[grid](
-            x, a_stack, token_slot, ranks, h,
+            x, a_stack, token_slot, token_slot if slot_map is None else slot_map, ranks, h,
             H_in, k_per_split,
             x.stride(0), a_stack.stride(0), a_stack.stride(1), h.stride(0),
-            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
+            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, HAS_MAP=slot_map is not None,
             num_warps=num_warps,
         )  # fmt: skip
     return h
@@ -658,6 +691,7 @@ def triton_lora_expand(
     block_n: int = BGMV_EXPAND_BLOCK_N,
     block_r: int = BGMV_EXPAND_BLOCK_R,
     num_warps: int = BGMV_EXPAND_NUM_WARPS,
+    slot_map: torch.Tensor | None = None,  # [S'+1] int32: slot of the stack = slot_map[token_slot + 1]
 ) -> torch.Tensor:  # y
     """BGMV expand (Triton), in place on y; returns y. Grid (T, cdiv(H_out, BLOCK_N)).
 
@@ -679,10 +713,10 @@ def triton_lora_expand(
     grid = (T, n_nb)
     with _device_ctx(y):
         _bgmv_expand_kernel[grid](
-            h, b_stack, token_slot, ranks, scaling, y,
+            h, b_stack, token_slot, token_slot if slot_map is None else slot_map, ranks, scaling, y,
             H_out,
             h.stride(0), b_stack.stride(0), b_stack.stride(1), y.stride(0),
-            BLOCK_N=block_n, BLOCK_R=block_r,
+            BLOCK_N=block_n, BLOCK_R=block_r, HAS_MAP=slot_map is not None,
             num_warps=num_warps,
         )  # fmt: skip
     return y
@@ -816,12 +850,17 @@ def lora_shrink(
     a_stack: torch.Tensor,  # [S, R, H_in]
     token_slot: torch.Tensor,  # [T] int32, -1 = no adapter
     ranks: torch.Tensor,  # [S] int32
+    *,
+    slot_map: torch.Tensor | None = None,  # [S'+1] int32 or None
+    out: torch.Tensor | None = None,  # [T, R] float32 zero-filled, or None
 ) -> torch.Tensor:  # h [T, R] float32
     """BGMV shrink: h[t, :r] = x[t] @ a_stack[s, :r].T (s = token_slot[t], r = ranks[s]);
-    h is 0 elsewhere and for s == -1. See reference_lora_shrink for the pseudo-code."""
+    h is 0 elsewhere and for s == -1. With slot_map, s = slot_map[token_slot[t] + 1] (one
+    launch instead of a gather first). With out, h is written there (it must be zero-filled).
+    See reference_lora_shrink for the pseudo-code."""
     if use_triton(x, a_stack, token_slot, ranks):
-        return triton_lora_shrink(x, a_stack, token_slot, ranks)
-    return reference_lora_shrink(x, a_stack, token_slot, ranks)
+        return triton_lora_shrink(x, a_stack, token_slot, ranks, slot_map=slot_map, out=out)
+    return reference_lora_shrink(x, a_stack, token_slot, ranks, slot_map=slot_map, out=out)
 
 
 def lora_expand(
@@ -831,12 +870,14 @@ def lora_expand(
     ranks: torch.Tensor,  # [S] int32
     scaling: torch.Tensor,  # [S] float32
     y: torch.Tensor,  # [T, H_out], updated in place
+    *,
+    slot_map: torch.Tensor | None = None,  # [S'+1] int32 or None
 ) -> torch.Tensor:  # y
     """BGMV expand, in place: y[t] += scaling[s] * h[t, :r] @ b_stack[s, :, :r].T; rows with
-    s == -1 untouched. See reference_lora_expand for the pseudo-code."""
+    s == -1 untouched; slot_map as in lora_shrink. See reference_lora_expand for the pseudo-code."""
     if use_triton(h, b_stack, token_slot, ranks, scaling, y):
-        return triton_lora_expand(h, b_stack, token_slot, ranks, scaling, y)
-    return reference_lora_expand(h, b_stack, token_slot, ranks, scaling, y)
+        return triton_lora_expand(h, b_stack, token_slot, ranks, scaling, y, slot_map=slot_map)
+    return reference_lora_expand(h, b_stack, token_slot, ranks, scaling, y, slot_map=slot_map)
 
 
 def sgmv_shrink(

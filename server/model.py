@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quiver.kernels.fused import add_rms_norm, rms_norm, rope_kv, silu_mul
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -78,19 +80,6 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as HF LlamaRMSNorm: normalise in fp32, scale in the model dtype.
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class DecoderLayer(nn.Module):
     """One pre-norm block: attention with GQA and rotary, then SwiGLU MLP."""
 
@@ -111,19 +100,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
+        # norms, rotary + cache write and silu*mul are fused kernels on CUDA (quiver.kernels.fused)
         T = h.shape[0]
         x = rms_norm(h, self.input_norm, self.eps)
-        q = self.linear("q_proj", x, batch).view(T, self.n_heads, self.head_dim)
-        k = self.linear("k_proj", x, batch).view(T, self.n_kv_heads, self.head_dim)
-        v = self.linear("v_proj", x, batch).view(T, self.n_kv_heads, self.head_dim)
-        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-        kv.k[self.index][batch.slot_mapping] = k
-        kv.v[self.index][batch.slot_mapping] = v
-        attn = paged_attention(q, kv.k[self.index], kv.v[self.index], batch)
-        h = h + self.linear("o_proj", attn, batch)
-        x = rms_norm(h, self.post_norm, self.eps)
-        act = F.silu(self.linear("gate_proj", x, batch)) * self.linear("up_proj", x, batch)
+        q = self.linear("q_proj", x, batch)
+        k = self.linear("k_proj", x, batch)
+        v = self.linear("v_proj", x, batch)
+        q = rope_kv(q, k, v, cos, sin, kv.k[self.index], kv.v[self.index], batch.slot_mapping)
+        attn = paged_attention(q.view(T, self.n_heads, self.head_dim), kv.k[self.index], kv.v[self.index], batch)
+        x, h = add_rms_norm(self.linear("o_proj", attn, batch), h, self.post_norm, self.eps)
+        act = silu_mul(self.linear("gate_proj", x, batch), self.linear("up_proj", x, batch))
         return h + self.linear("down_proj", act, batch)
 
 

@@ -294,6 +294,32 @@ def test_triton_bgmv_expand(case, dtype):
     assert torch.equal(out[none], y0[none]), "rows with slot -1 were modified"
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_bgmv_slot_map_and_out(impl):
+    """slot_map: the stack's slot of a token is slot_map[token_slot + 1] (a pool slot whose
+    adapter has nothing on this projection maps to -1); out: h lands in a given zeroed buffer."""
+    if impl == "triton" and not _TRITON_OK:
+        pytest.skip(_TRITON_WHY)
+    shrink = L.reference_lora_shrink if impl == "reference" else L.triton_lora_shrink
+    expand = L.reference_lora_expand if impl == "reference" else L.triton_lora_expand
+    ranks, H_in, H_out = [4, 8, 2], 49, 33
+    a, b, rk, sc = make_pool(ranks, H_in, H_out, torch.float32, R=8)
+    token_slot = slots_t([0, 3, -1, 1, 2, 3, 0])  # pool slots; the stack has 3 slots
+    slot_map = torch.tensor([-1, 2, 0, -1, 1], dtype=torch.int32, device=DEV)  # pool slot 2 -> none
+    mapped = slots_t([2, 1, -1, 0, -1, 1, 2])
+    x = make_x(len(mapped), H_in, torch.float32)
+    out = torch.zeros(len(mapped), 8, device=DEV)
+    h = shrink(x, a, token_slot, rk, slot_map=slot_map, out=out)
+    assert h.data_ptr() == out.data_ptr()
+    ref_h = naive_shrink(x, a, mapped, rk)
+    assert_close(h, ref_h, torch.float32, "shrink with slot_map")
+    assert h[4].abs().sum() == 0 and h[2].abs().sum() == 0
+    y0 = make_x(len(mapped), H_out, torch.float32, seed=3)
+    y = expand(ref_h, b, token_slot, rk, sc, y0.clone(), slot_map=slot_map)
+    assert_close(y, naive_expand(ref_h, b, mapped, rk, sc, y0), torch.float32, "expand with slot_map")
+    assert torch.equal(y[4], y0[4]) and not torch.equal(y[0], y0[0])
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", CPU_DTYPES_SGMV, ids=str)
 @pytest.mark.parametrize("case", SGMV_CASES, ids=[c[0] for c in SGMV_CASES])

@@ -1,0 +1,284 @@
+"""NF4 W4A16 decode GEMM over a 32-bit word layout, with the NF4 table looked up in registers.
+
+Why a second NF4 kernel: the byte-layout kernel of kernels/nf4.py looks the 16-entry table up
+with a gather load per weight. That load depends on the weight load before it, so Triton's
+pipeliner cannot run ahead, and every weight pays a memory round trip plus an fp32 scale
+multiply and a rounding. Here (CUDA, 16-bit activations):
+
+  * weights are int32 words; word (g, r, n) holds in nibble s (bits 4s..4s+3) the code of
+    W[n, 128g + 16s + r] (r < 16, s < 8): one [16, BLOCK_N] word tile gives eight [16, BLOCK_N]
+    operands, operand s covering inputs 128g + 16s .. +16, all inside one 64-block of absmax;
+  * the table lookup is eight PTX `prmt` byte permutes per four weights (no memory access);
+    it yields the bare NF4 code in the activation dtype;
+  * the absmax scale is applied after the dot, once per 64 inputs per output:
+        y[m, n] = sum_c absmax[c, n] * sum_{k in 64-block c} x[m, k] * code[q[n, k]]
+    instead of once per weight;
+  * no load depends on another, so num_stages > 1 pipelines the word tiles.
+
+Numerics: the codes are rounded to the activation dtype (bf16 keeps 8 significant bits), the
+products accumulate in float32 and each 64-block sum is scaled in float32. bitsandbytes rounds
+code * absmax to bf16 instead; both are one bf16 rounding of the same weight, so outputs agree
+to bf16 accuracy (tested against bitsandbytes' dequantized reference), not bit for bit.
+
+Layout (`words_from_nf4(NF4Weight) -> words [K/128 * 16, N] int32`) is made once at load from
+the same 4-bit codes; absmax stays NF4Weight.absmax [K/64, N] float32. Requires K % 128 == 0.
+Under TRITON_INTERPRET=1 (CPU tests) the table lookup is a gather from a float32 table and the
+dot runs in float32; the layout, the per-block scaling and the split-K are the same code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .lora import HAS_TRITON, _device_ctx, tl, triton
+from .nf4 import NF4_CODE, NF4Weight
+
+__all__ = ["WORD_K", "words_from_nf4", "dequantize_words", "triton_nf4_words_linear", "pick_words_config"]
+
+WORD_K = 128  # inputs per word group (8 nibbles x 16 rows)
+
+# Decode configs per M bucket: (max_M, BLOCK_M, BLOCK_N, num_warps, num_stages). FIRST GUESSES,
+# to be replaced by the H100 sweep (`python -m quiver.kernels.bench_nf4 --sweep`).
+WORDS_CONFIGS = (
+    (16, 16, 32, 4, 3),
+    (32, 32, 32, 4, 3),
+    (64, 64, 32, 4, 3),
+)
+WORDS_MAX_M = 64
+WORDS_TARGET_PROGRAMS_PER_SM = 2
+WORDS_MAX_SPLIT = 8
+_DEFAULT_SMS = 132
+
+
+def words_from_nf4(w: NF4Weight) -> torch.Tensor:
+    """[K/128 * 16, N] int32 word layout of an NF4Weight (the same codes, re-laid-out)."""
+    N, K = w.shape
+    assert K % WORD_K == 0, f"K={K} must be a multiple of {WORD_K}"
+    q = w.codes().to(torch.int32)  # [N, K] codes 0..15
+    G = K // WORD_K
+    q = q.view(N, G, 8, 16)  # [n, g, s, r]: k = 128g + 16s + r
+    shifts = (torch.arange(8, device=q.device, dtype=torch.int32) * 4).view(1, 1, 8, 1)
+    words = (q << shifts).sum(dim=2, dtype=torch.int64)  # [n, g, r], nibble s at bits 4s
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.permute(1, 2, 0).reshape(G * 16, N).contiguous()
+
+
+def dequantize_words(words: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [N, K] from the word layout (the spec of the layout; float32 product like bnb)."""
+    G16, N = words.shape
+    G = G16 // 16
+    w = words.view(G, 16, N).to(torch.int64) & 0xFFFFFFFF
+    nib = torch.stack([(w >> (4 * s)) & 15 for s in range(8)], dim=1)  # [g, s, r, n]
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=words.device)
+    vals = code[nib].permute(3, 0, 1, 2).reshape(N, G * WORD_K)  # k = 128g + 16s + r
+    scale = absmax.t().repeat_interleave(64, dim=1)  # [N, K]
+    return (vals * scale).to(dtype)
+
+
+def _prmt_table(dtype: torch.dtype) -> tuple[int, ...]:
+    """(hi bytes x4, lo bytes x4) of the 16 codes in dtype, packed 4 per 32-bit register."""
+    bits = torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = [(int(b) >> 8) & 0xFF for b in bits]
+    lo = [int(b) & 0xFF for b in bits]
+    pack = lambda v, i: v[i] | v[i + 1] << 8 | v[i + 2] << 16 | v[i + 3] << 24  # noqa: E731
+    return tuple(pack(hi, i) for i in range(0, 16, 4)) + tuple(pack(lo, i) for i in range(0, 16, 4))
+
+
+@functools.lru_cache(maxsize=4)
+def _prmt_asm(dtype: torch.dtype) -> str:
+    """PTX: one int32 word ($8) -> its eight nibbles' codes ($0..$7, 16-bit)."""
+    th0, th1, th2, th3, tl0, tl1, tl2, tl3 = (f"0x{v:08x}" for v in _prmt_table(dtype))
+    half = """
+    {shift_s}
+    and.b32 s, s, 0x7777;
+    shr.b32 b, $8, {shift_b};
+    and.b32 b, b, 0x4444;
+    or.b32 b, b, 0x3210;
+    prmt.b32 ha, {th0}, {th1}, s;
+    prmt.b32 hb, {th2}, {th3}, s;
+    prmt.b32 hi, ha, hb, b;
+    prmt.b32 la, {tl0}, {tl1}, s;
+    prmt.b32 lb, {tl2}, {tl3}, s;
+    prmt.b32 lo, la, lb, b;
+    prmt.b32 p, lo, hi, 0x5140;
+    prmt.b32 q, lo, hi, 0x7362;
+    mov.b32 {{{o0}, {o1}}}, p;
+    mov.b32 {{{o2}, {o3}}}, q;
+    """
+    tables = dict(th0=th0, th1=th1, th2=th2, th3=th3, tl0=tl0, tl1=tl1, tl2=tl2, tl3=tl3)
+    body = half.format(shift_s="mov.b32 s, $8;", shift_b=1, o0="$0", o1="$1", o2="$2", o3="$3", **tables)
+    body += half.format(shift_s="shr.b32 s, $8, 16;", shift_b=17, o0="$4", o1="$5", o2="$6", o3="$7", **tables)
+    return "{\n.reg .b32 s, b, ha, hb, hi, la, lb, lo, p, q;\n" + body + "}"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _nibble_codes(w, code_ptr, asm: tl.constexpr, ty: tl.constexpr, USE_ASM: tl.constexpr):
+        if USE_ASM:
+            i16 = tl.int16
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                asm, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(i16, i16, i16, i16, i16, i16, i16, i16), is_pure=True,
+                pack=1)
+            c0 = c0.to(ty, bitcast=True)
+            c1 = c1.to(ty, bitcast=True)
+            c2 = c2.to(ty, bitcast=True)
+            c3 = c3.to(ty, bitcast=True)
+            c4 = c4.to(ty, bitcast=True)
+            c5 = c5.to(ty, bitcast=True)
+            c6 = c6.to(ty, bitcast=True)
+            c7 = c7.to(ty, bitcast=True)
+        else:
+            c0 = tl.load(code_ptr + (w & 15))
+            c1 = tl.load(code_ptr + ((w >> 4) & 15))
+            c2 = tl.load(code_ptr + ((w >> 8) & 15))
+            c3 = tl.load(code_ptr + ((w >> 12) & 15))
+            c4 = tl.load(code_ptr + ((w >> 16) & 15))
+            c5 = tl.load(code_ptr + ((w >> 20) & 15))
+            c6 = tl.load(code_ptr + ((w >> 24) & 15))
+            c7 = tl.load(code_ptr + ((w >> 28) & 15))
+        return c0, c1, c2, c3, c4, c5, c6, c7
+
+    @triton.jit
+    def _x_slice(x_rows, kbase, s: tl.constexpr, offs_r, m_mask, stride_xk, ty: tl.constexpr):
+        return tl.load(x_rows + (kbase + 16 * s + offs_r)[None, :] * stride_xk, mask=m_mask[:, None],
+                       other=0.0).to(ty)
+
+    @triton.jit
+    def _nf4_words_kernel(
+        x_ptr,  # [M, K]
+        w_ptr,  # [G*16, N] int32
+        absmax_ptr,  # [2G, N] float32
+        code_ptr,  # [16] in the dot dtype (interpreter path only)
+        bias_ptr,  # [N] or dummy
+        out_ptr,  # [M, N] x.dtype (SPLIT_K == 1) or [S, M, N] float32 partials
+        M,
+        N,
+        groups_per_split,
+        G,
+        stride_xm,
+        stride_xk,
+        asm: tl.constexpr,
+        DOT_TY: tl.constexpr,
+        USE_ASM: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, 16)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        g_begin = pid_s * groups_per_split
+        g_end = tl.minimum(G, g_begin + groups_per_split)
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        w_tile = w_ptr + offs_r[:, None] * N + offs_n[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(g_begin, g_end):
+            w = tl.load(w_tile + g * 16 * N, mask=n_mask[None, :], other=0)
+            am0 = tl.load(absmax_ptr + (2 * g) * N + offs_n, mask=n_mask, other=0.0)
+            am1 = tl.load(absmax_ptr + (2 * g + 1) * N + offs_n, mask=n_mask, other=0.0)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(w, code_ptr, asm, DOT_TY, USE_ASM)
+            kb = g * 128
+            p = tl.dot(_x_slice(x_rows, kb, 0, offs_r, m_mask, stride_xk, DOT_TY), c0)
+            p = tl.dot(_x_slice(x_rows, kb, 1, offs_r, m_mask, stride_xk, DOT_TY), c1, p)
+            p = tl.dot(_x_slice(x_rows, kb, 2, offs_r, m_mask, stride_xk, DOT_TY), c2, p)
+            p = tl.dot(_x_slice(x_rows, kb, 3, offs_r, m_mask, stride_xk, DOT_TY), c3, p)
+            acc += p * am0[None, :]
+            p = tl.dot(_x_slice(x_rows, kb, 4, offs_r, m_mask, stride_xk, DOT_TY), c4)
+            p = tl.dot(_x_slice(x_rows, kb, 5, offs_r, m_mask, stride_xk, DOT_TY), c5, p)
+            p = tl.dot(_x_slice(x_rows, kb, 6, offs_r, m_mask, stride_xk, DOT_TY), c6, p)
+            p = tl.dot(_x_slice(x_rows, kb, 7, offs_r, m_mask, stride_xk, DOT_TY), c7, p)
+            acc += p * am1[None, :]
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        o_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        if SPLIT_K > 1:
+            tl.store(out_ptr + pid_s.to(tl.int64) * M * N + o_off, acc, mask=out_mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides) -> dict:
+    for max_m, bm, bn, nw, ns in WORDS_CONFIGS:
+        if M <= max_m:
+            break
+    cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if "split_k" not in cfg:
+        tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
+        target = WORDS_TARGET_PROGRAMS_PER_SM * _num_sms(device)
+        cfg["split_k"] = max(1, min(-(-target // tiles), WORDS_MAX_SPLIT, K // WORD_K // 4)) if tiles < target else 1
+    return cfg
+
+
+_CODES: dict = {}
+
+
+def _code_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (dtype, device)
+    if key not in _CODES:
+        _CODES[key] = torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype).to(device)
+    return _CODES[key]
+
+
+def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
+                            bias: torch.Tensor | None = None, **overrides) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x [..., K] (float16 | bfloat16 on CUDA; any float under the
+    interpreter), W in the word layout. Split-K partials are summed by a second kernel."""
+    from .nf4 import REDUCE_BLOCK, _kernels
+
+    G16, N = words.shape
+    K = G16 // 16 * WORD_K
+    assert x.shape[-1] == K, f"x has K={x.shape[-1]}, the weight {K}"
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty((*lead, N))
+    interp = _interpreting()
+    use_asm = not interp
+    assert interp or x.dtype in (torch.float16, torch.bfloat16), "the word kernel takes fp16/bf16 activations"
+    dot_dtype = x.dtype if use_asm else torch.float32  # the interpreter's bf16 tl.dot is not exact
+    ty = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dot_dtype]
+    cfg = pick_words_config(M, N, K, x.device, **overrides)
+    G = G16 // 16
+    S = int(cfg["split_k"])
+    gps = -(-G // S)
+    S = -(-G // gps)
+    bm, bn = int(cfg["block_m"]), int(cfg["block_n"])
+    grid = (-(-N // bn), -(-M // bm), S)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dst = out if S == 1 else torch.empty((S, M, N), dtype=torch.float32, device=x.device)
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else absmax
+    with _device_ctx(x):
+        _nf4_words_kernel[grid](
+            x2, words, absmax, _code_table(dot_dtype, x.device), bias_arg, dst, M, N, gps, G,
+            x2.stride(0), x2.stride(1), asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
+            HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
+        if S > 1:
+            red = _kernels(interp)[2]
+            red[(-(-(M * N) // REDUCE_BLOCK),)](dst, bias_arg, out, M * N, N, SPLIT_K=S, HAS_BIAS=has_bias,
+                                                BLOCK=REDUCE_BLOCK, num_warps=4)
+    return out.reshape(*lead, N)
