@@ -41,6 +41,11 @@ class AdapterBatch:
     def _slots_for(self, st: LowRankStack) -> torch.Tensor:
         return st.present[self.lookup]  # [T] int32: slot, or -1 where the slot has nothing here
 
+    def scales_input(self, layer: int, names: tuple[str, ...]) -> bool:
+        """Whether any resident adapter scales the input of one of these projections ((IA)³
+        feed-forward vectors): such a step cannot share one fused matmul among them."""
+        return any((layer, n) in self.pool.in_scale for n in names)
+
     def pre_linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
         vec = self.pool.in_scale.get((layer, name))
         if vec is None:

@@ -51,6 +51,7 @@ LAYER_LINEARS = (
     ("up", INTER, HIDDEN),
     ("down", HIDDEN, INTER),
 )
+METHODS = ("bf16", "bnb", "ours", "words")
 SHAPES = {"qkvo 4096x4096": (HIDDEN, HIDDEN), "gate/up 11008x4096": (INTER, HIDDEN),
           "down 4096x11008": (HIDDEN, INTER)}
 
@@ -215,7 +216,7 @@ def run_bench(args) -> dict:
         xs = {K: torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16) for K in (HIDDEN, INTER)}
         r = dict(M=M, configs={label: nf4.pick_config(M, N, K, torch.device(DEVICE))
                                for label, (N, K) in SHAPES.items()})
-        for method in ("bf16", "bnb", "ours"):
+        for method in METHODS:
             fn = make_pass(layers, method, xs)
             ms, how = timed(fn, args.reps)
             r[method] = ms * scale
@@ -227,10 +228,11 @@ def run_bench(args) -> dict:
             n_lin = sum(1 for lin in all_lins if (lin["N"], lin["K"]) == (N, K))
             r["per_shape_us"][label] = {
                 method: timed(make_pass(layers, method, xs, only=(N, K)), args.reps)[0] * 1e3 / n_lin
-                for method in ("bf16", "bnb", "ours")}
+                for method in METHODS}
         r["check"] = check(layers, M)
         rows.append(r)
-        print(f"  M={M}: bf16 {r['bf16']:.3f} ms, bnb {r['bnb']:.3f} ms, ours {r['ours']:.3f} ms", file=sys.stderr)
+        print(f"  M={M}: bf16 {r['bf16']:.3f} ms, bnb {r['bnb']:.3f} ms, ours {r['ours']:.3f} ms, "
+              f"words {r['words']:.3f} ms", file=sys.stderr)
         del xs
 
     print("| M | bf16 ms/step | bnb NF4 ms/step | ours ms/step | speedup vs bf16 (bf16/ours) "
@@ -243,6 +245,12 @@ def run_bench(args) -> dict:
               f"| {r['bnb'] / r['ours']:.2f}x | {r['ours_GBps']:.0f} "
               f"| {r['bf16_eager']:.2f} / {r['bnb_eager']:.2f} / {r['ours_eager']:.2f} "
               f"| {worst['max_abs']:.3g} ({worst['max_rel']:.2e}) |")
+    print("\nword-layout kernel (kernels/nf4_words.py, what the server runs when K % 128 == 0):\n")
+    print("| M | bf16 ms/step | bnb NF4 ms/step | byte kernel ms/step | word kernel ms/step | bf16 / word | bnb / word |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['M']} | {r['bf16']:.3f} | {r['bnb']:.3f} | {r['ours']:.3f} | {r['words']:.3f} "
+              f"| {r['bf16'] / r['words']:.2f}x | {r['bnb'] / r['words']:.2f}x |")
     print("\nper linear (us, CUDA graph):\n")
     print("| M | shape | bf16 | bnb | ours | bf16/ours | bnb/ours | ours GB/s (weights only) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -250,10 +258,10 @@ def run_bench(args) -> dict:
         for label, t in r["per_shape_us"].items():
             N, K = SHAPES[label]
             gbs = (N * K // 2 + (K // 64) * N * 4) / (t["ours"] * 1e-6) / 1e9
-            print(f"| {r['M']} | {label} | {t['bf16']:.1f} | {t['bnb']:.1f} | {t['ours']:.1f} "
+            print(f"| {r['M']} | {label} | {t['bf16']:.1f} | {t['bnb']:.1f} | {t['ours']:.1f} (words {t['words']:.1f}) "
                   f"| {t['bf16'] / t['ours']:.2f}x | {t['bnb'] / t['ours']:.2f}x | {gbs:.0f} |")
     print("\ntiming: CUDA graph replay unless noted:",
-          {r["M"]: {m: r[m + "_timing"] for m in ("bf16", "bnb", "ours")} for r in rows})
+          {r["M"]: {m: r[m + "_timing"] for m in METHODS} for r in rows})
     print("\nper-shape check (max abs diff ours / bnb's own matmul_4bit, vs x @ dequantize_4bit(W).T):")
     for r in rows:
         for label, c in r["check"].items():

@@ -33,24 +33,24 @@ import os
 
 import torch
 
-from .lora import HAS_TRITON, _device_ctx, tl, triton
+from .lora import HAS_TRITON, _device_ctx, tl, triton, use_triton
 from .nf4 import NF4_CODE, NF4Weight
 
-__all__ = ["WORD_K", "words_from_nf4", "dequantize_words", "triton_nf4_words_linear", "pick_words_config"]
+__all__ = ["WORD_K", "words_from_nf4", "dequantize_words", "triton_nf4_words_linear", "triton_words_dequantize",
+           "reference_words_linear", "nf4_words_linear", "pick_words_config"]
 
 WORD_K = 128  # inputs per word group (8 nibbles x 16 rows)
 
-# Decode configs per M bucket: (max_M, BLOCK_M, BLOCK_N, num_warps, num_stages). FIRST GUESSES,
-# to be replaced by the H100 sweep (`python -m quiver.kernels.bench_nf4 --sweep`).
+# Decode configs per M bucket: (max_M, BLOCK_M, BLOCK_N, num_warps, num_stages, split_k), from the
+# H100 sweep `python -m quiver.kernels.bench_nf4 --words-sweep` (docs/results/gpu_nf4_words_sweep.json):
+# num_stages 4 and split-K 4 won at every M and shape; BLOCK_N 64 was best or within 5%.
 WORDS_CONFIGS = (
-    (16, 16, 32, 4, 3),
-    (32, 32, 32, 4, 3),
-    (64, 64, 32, 4, 3),
+    (16, 16, 64, 4, 4, 4),
+    (32, 32, 64, 4, 4, 4),
+    (64, 64, 64, 4, 4, 4),
 )
-WORDS_MAX_M = 64
-WORDS_TARGET_PROGRAMS_PER_SM = 2
-WORDS_MAX_SPLIT = 8
-_DEFAULT_SMS = 132
+WORDS_MAX_M = 64  # above: prefill path (Triton dequantize + cuBLAS)
+DEQUANT_BLOCK_N = 64
 
 
 def words_from_nf4(w: NF4Weight) -> torch.Tensor:
@@ -154,13 +154,17 @@ if HAS_TRITON:
         absmax_ptr,  # [2G, N] float32
         code_ptr,  # [16] in the dot dtype (interpreter path only)
         bias_ptr,  # [N] or dummy
-        out_ptr,  # [M, N] x.dtype (SPLIT_K == 1) or [S, M, N] float32 partials
+        out_ptr,  # [M, N] x.dtype
+        ws_ptr,  # [S, M, N] float32 split-K partials (dummy when SPLIT_K == 1)
+        lock_ptr,  # zeroed int32 tile counters (split-K)
         M,
         N,
         groups_per_split,
         G,
         stride_xm,
         stride_xk,
+        stride_w,  # row stride of the words (N, or more for a column slice of a fused weight)
+        stride_am,  # row stride of absmax
         asm: tl.constexpr,
         DOT_TY: tl.constexpr,
         USE_ASM: tl.constexpr,
@@ -180,12 +184,12 @@ if HAS_TRITON:
         g_begin = pid_s * groups_per_split
         g_end = tl.minimum(G, g_begin + groups_per_split)
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        w_tile = w_ptr + offs_r[:, None] * N + offs_n[None, :]
+        w_tile = w_ptr + offs_r[:, None] * stride_w + offs_n[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for g in range(g_begin, g_end):
-            w = tl.load(w_tile + g * 16 * N, mask=n_mask[None, :], other=0)
-            am0 = tl.load(absmax_ptr + (2 * g) * N + offs_n, mask=n_mask, other=0.0)
-            am1 = tl.load(absmax_ptr + (2 * g + 1) * N + offs_n, mask=n_mask, other=0.0)
+            w = tl.load(w_tile + g * 16 * stride_w, mask=n_mask[None, :], other=0)
+            am0 = tl.load(absmax_ptr + (2 * g) * stride_am + offs_n, mask=n_mask, other=0.0)
+            am1 = tl.load(absmax_ptr + (2 * g + 1) * stride_am + offs_n, mask=n_mask, other=0.0)
             c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(w, code_ptr, asm, DOT_TY, USE_ASM)
             kb = g * 128
             p = tl.dot(_x_slice(x_rows, kb, 0, offs_r, m_mask, stride_xk, DOT_TY), c0)
@@ -201,33 +205,54 @@ if HAS_TRITON:
         out_mask = m_mask[:, None] & n_mask[None, :]
         o_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         if SPLIT_K > 1:
-            tl.store(out_ptr + pid_s.to(tl.int64) * M * N + o_off, acc, mask=out_mask)
+            # partial -> workspace; the last split of this tile to finish sums the partials in
+            # split order (deterministic) and writes the output: one launch (as kernels/nf4.py)
+            tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + o_off, acc, mask=out_mask)
+            tl.debug_barrier()
+            tile = pid_m * tl.num_programs(0) + pid_n
+            done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for si in tl.static_range(SPLIT_K):
+                    acc += tl.load(ws_ptr + si * M * N + o_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(lock_ptr + tile, 0)  # re-arm for the next launch
         else:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _words_dequant_kernel(w_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_w, stride_am,
+                              BLOCK_N: tl.constexpr):
+        # out[n, 128g + 16s + r] = dtype(code[nibble s of word (16g + r, n)] * absmax[2g + s // 4, n])
+        g = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, 16)
+        n_mask = offs_n < N
+        w = tl.load(w_ptr + (g * 16 + offs_r)[:, None] * stride_w + offs_n[None, :], mask=n_mask[None, :], other=0)
+        am0 = tl.load(absmax_ptr + (2 * g) * stride_am + offs_n, mask=n_mask, other=0.0)[None, :]
+        am1 = tl.load(absmax_ptr + (2 * g + 1) * stride_am + offs_n, mask=n_mask, other=0.0)[None, :]
+        row = out_ptr + offs_n.to(tl.int64)[None, :] * K + g * 128 + offs_r[:, None]
+        ty = out_ptr.dtype.element_ty
+        for s in tl.static_range(8):
+            am = am0 if s < 4 else am1
+            tl.store(row + 16 * s, (tl.load(code_ptr + ((w >> (4 * s)) & 15)) * am).to(ty), mask=n_mask[None, :])
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SMS
-
-
 def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides) -> dict:
-    for max_m, bm, bn, nw, ns in WORDS_CONFIGS:
+    """Launch config at batch M (the bucket's defaults; keyword overrides win)."""
+    for max_m, bm, bn, nw, ns, sk in WORDS_CONFIGS:
         if M <= max_m:
             break
-    cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+    cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, split_k=sk)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    if "split_k" not in cfg:
-        tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
-        target = WORDS_TARGET_PROGRAMS_PER_SM * _num_sms(device)
-        cfg["split_k"] = max(1, min(-(-target // tiles), WORDS_MAX_SPLIT, K // WORD_K // 4)) if tiles < target else 1
     return cfg
 
 
@@ -244,9 +269,11 @@ def _code_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
                             bias: torch.Tensor | None = None, **overrides) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x [..., K] (float16 | bfloat16 on CUDA; any float under the
-    interpreter), W in the word layout. Split-K partials are summed by a second kernel."""
-    from .nf4 import REDUCE_BLOCK, _kernels
+    interpreter), W in the word layout (words and absmax may be column slices: row strides are
+    taken). Split-K partials are summed by the last split of each tile, in one launch."""
+    from .nf4 import LOCKS_SIZE, _tile_locks
 
+    _check_words(words, absmax)
     G16, N = words.shape
     K = G16 // 16 * WORD_K
     assert x.shape[-1] == K, f"x has K={x.shape[-1]}, the weight {K}"
@@ -267,18 +294,56 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
     S = -(-G // gps)
     bm, bn = int(cfg["block_m"]), int(cfg["block_n"])
     grid = (-(-N // bn), -(-M // bm), S)
+    assert grid[0] * grid[1] <= LOCKS_SIZE and M * N * S < 2**31, f"problem too large: M={M} N={N} split {S}"
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    dst = out if S == 1 else torch.empty((S, M, N), dtype=torch.float32, device=x.device)
+    ws = torch.empty((S, M, N), dtype=torch.float32, device=x.device) if S > 1 else out
+    locks = _tile_locks(x.device) if S > 1 else absmax
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else absmax
     with _device_ctx(x):
         _nf4_words_kernel[grid](
-            x2, words, absmax, _code_table(dot_dtype, x.device), bias_arg, dst, M, N, gps, G,
-            x2.stride(0), x2.stride(1), asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
+            x2, words, absmax, _code_table(dot_dtype, x.device), bias_arg, out, ws, locks, M, N, gps, G,
+            x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0),
+            asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
             HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
-        if S > 1:
-            red = _kernels(interp)[2]
-            red[(-(-(M * N) // REDUCE_BLOCK),)](dst, bias_arg, out, M * N, N, SPLIT_K=S, HAS_BIAS=has_bias,
-                                                BLOCK=REDUCE_BLOCK, num_warps=4)
     return out.reshape(*lead, N)
+
+
+def _check_words(words: torch.Tensor, absmax: torch.Tensor) -> None:
+    assert words.dtype == torch.int32 and words.dim() == 2 and words.shape[0] % 16 == 0, "words must be [G*16, N] int32"
+    assert absmax.dtype == torch.float32 and tuple(absmax.shape) == (words.shape[0] // 8, words.shape[1]), \
+        f"absmax {tuple(absmax.shape)} does not match words {tuple(words.shape)}"
+    assert words.stride(1) == 1 and absmax.stride(1) == 1, "words and absmax rows must be contiguous"
+
+
+def triton_words_dequantize(words: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in dtype, materialized by a Triton kernel (the prefill path: then cuBLAS)."""
+    _check_words(words, absmax)
+    G16, N = words.shape
+    K = G16 // 16 * WORD_K
+    out = torch.empty((N, K), dtype=dtype, device=words.device)
+    with _device_ctx(words):
+        _words_dequant_kernel[(G16 // 16, -(-N // DEQUANT_BLOCK_N))](
+            words, absmax, _code_table(torch.float32, words.device), out, N, K, words.stride(0), absmax.stride(0),
+            BLOCK_N=DEQUANT_BLOCK_N, num_warps=4)
+    return out
+
+
+def reference_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    W = dequantize_words(words, absmax, x.dtype)
+    return torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
+
+
+def nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatch: decode batches (M <= WORDS_MAX_M) run the word kernel; larger M (prefill)
+    dequantize W with a Triton kernel and leave the GEMM to cuBLAS; the reference off CUDA."""
+    if not use_triton(x):
+        return reference_words_linear(x, words, absmax, bias)
+    M = x.numel() // x.shape[-1]
+    if M <= WORDS_MAX_M and (x.dtype != torch.float32 or _interpreting()):
+        return triton_nf4_words_linear(x, words, absmax, bias)
+    W = triton_words_dequantize(words, absmax, x.dtype)
+    return torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))

@@ -52,7 +52,7 @@ def _check_args(y: torch.Tensor, vec_stack: torch.Tensor, token_slot: torch.Tens
     assert N_v == N, f"vec_stack N {N_v} != y N {N}"
     assert S >= 1, "vec_stack has no slots"
     assert y.dtype in FLOAT_DTYPES and vec_stack.dtype in FLOAT_DTYPES, f"dtypes {y.dtype}, {vec_stack.dtype}"
-    assert y.is_contiguous() and vec_stack.is_contiguous(), "y and vec_stack must be contiguous"
+    assert y.stride(-1) == 1 and vec_stack.is_contiguous(), "y rows and vec_stack must be contiguous"
     _check_index(token_slot, "token_slot", T)
     _check_same_device(y=y, vec_stack=vec_stack, token_slot=token_slot)
     return T, N, S

@@ -21,6 +21,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available
     nf4_kernel: str = "triton"  # on CUDA: "triton" (Quiver's fused W4A16) or "bnb" (bitsandbytes' matmul)
+    # q|k|v and gate|up as one matmul each (server/fuse.py); None = on CUDA only (on CPU the
+    # unfused matmuls keep results bit-identical to transformers for the oracle tests)
+    fuse_projections: bool | None = None
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:

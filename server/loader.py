@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quiver.server.config import ModelConfig
+from quiver.server.fuse import fuse_projections
 from quiver.server.model import PROJECTIONS, DecoderLayer, LlamaForward
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def wrap_hf_model(hf, tokenizer, cfg: ModelConfig, name: str, device: torch.devi
         hf.to(device)
     inner = hf.model
     layers = []
+    fuse = cfg.fuse_projections if cfg.fuse_projections is not None else device.type == "cuda"
     for i, hl in enumerate(inner.layers):
         owners = {"q_proj": hl.self_attn, "k_proj": hl.self_attn, "v_proj": hl.self_attn, "o_proj": hl.self_attn,
                   "gate_proj": hl.mlp, "up_proj": hl.mlp, "down_proj": hl.mlp}
@@ -164,10 +166,11 @@ def wrap_hf_model(hf, tokenizer, cfg: ModelConfig, name: str, device: torch.devi
                     except ValueError as exc:  # a shape the kernel does not take: bitsandbytes serves it
                         log.warning("layer %d %s stays on bitsandbytes' NF4 matmul: %s", i, proj, exc)
             projections[proj] = module
+        fused = fuse_projections(projections) if fuse else {}
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         layers.append(DecoderLayer(
             i, projections, hl.input_layernorm.weight.data.to(device), hl.post_attention_layernorm.weight.data.to(device),
-            config.num_attention_heads, config.num_key_value_heads, head_dim, config.rms_norm_eps,
+            config.num_attention_heads, config.num_key_value_heads, head_dim, config.rms_norm_eps, fused=fused,
         ))
     if cfg.quantize != "none":
         hf.to(device)  # embeddings, norms and LM head stay in the compute dtype

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quiver.kernels.fused import add_rms_norm, rms_norm, rope_kv, silu_mul
+from quiver.server.fuse import GROUPS
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -33,6 +34,8 @@ class AdapterHook(Protocol):
     def linear(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
     def begin(self) -> None: ...
+
+    def scales_input(self, layer: int, names: tuple[str, ...]) -> bool: ...
 
     def input_embeds(self, embeds: torch.Tensor) -> torch.Tensor: ...
 
@@ -84,10 +87,12 @@ class DecoderLayer(nn.Module):
     """One pre-norm block: attention with GQA and rotary, then SwiGLU MLP."""
 
     def __init__(self, index: int, projections: dict[str, nn.Module], input_norm: torch.Tensor,
-                 post_norm: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
+                 post_norm: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int, eps: float,
+                 fused: dict[str, nn.Module] | None = None):
         super().__init__()
         self.index = index
-        self.proj = nn.ModuleDict(projections)
+        self.proj = nn.ModuleDict(projections)  # members of a fused group are views of its weight
+        self.fused = nn.ModuleDict(fused or {})  # "qkv", "gate_up" (server/fuse.py)
         self.input_norm = nn.Parameter(input_norm, requires_grad=False)
         self.post_norm = nn.Parameter(post_norm, requires_grad=False)
         self.n_heads, self.n_kv_heads, self.head_dim, self.eps = n_heads, n_kv_heads, head_dim, eps
@@ -98,18 +103,29 @@ class DecoderLayer(nn.Module):
         x = batch.adapters.pre_linear(self.index, name, x)
         return batch.adapters.linear(self.index, name, x, self.proj[name](x))
 
+    def group(self, group: str, x: torch.Tensor, batch: StepBatch) -> list[torch.Tensor]:
+        """The projections of a group (GROUPS in server/fuse.py): one fused matmul whose output
+        columns are split (views), each then given its adapters; member by member when not fused
+        or when an adapter of the step scales a member's input."""
+        names = GROUPS[group]
+        ad = batch.adapters
+        if group not in self.fused or (ad is not None and ad.scales_input(self.index, names)):
+            return [self.linear(n, x, batch) for n in names]
+        outs = self.fused[group](x).split([self.proj[n].out_features for n in names], dim=-1)
+        if ad is None:
+            return list(outs)
+        return [ad.linear(self.index, n, x, y) for n, y in zip(names, outs)]
+
     def forward(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         # norms, rotary + cache write and silu*mul are fused kernels on CUDA (quiver.kernels.fused)
         T = h.shape[0]
         x = rms_norm(h, self.input_norm, self.eps)
-        q = self.linear("q_proj", x, batch)
-        k = self.linear("k_proj", x, batch)
-        v = self.linear("v_proj", x, batch)
+        q, k, v = self.group("qkv", x, batch)
         q = rope_kv(q, k, v, cos, sin, kv.k[self.index], kv.v[self.index], batch.slot_mapping)
         attn = paged_attention(q.view(T, self.n_heads, self.head_dim), kv.k[self.index], kv.v[self.index], batch)
         x, h = add_rms_norm(self.linear("o_proj", attn, batch), h, self.post_norm, self.eps)
-        act = silu_mul(self.linear("gate_proj", x, batch), self.linear("up_proj", x, batch))
+        act = silu_mul(*self.group("gate_up", x, batch))
         return h + self.linear("down_proj", act, batch)
 
 

@@ -38,8 +38,9 @@ def peft_configs():
                            init_lora_weights=False),
         "adalora": AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"],
                                  total_step=100),
-        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                         init_ia3_weights=False),
+        # up_proj's input vector makes a fused gate|up matmul fall back to member-by-member
+        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
+                         feedforward_modules=["up_proj", "down_proj"], init_ia3_weights=False),
         "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6),
         "prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5),
     }

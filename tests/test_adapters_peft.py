@@ -66,9 +66,24 @@ def make_engine(fp32_model, root, **kw):
     return engine, manager
 
 
-def test_all_methods_in_one_mixed_batch(fp32_model, suite):
+@pytest.fixture(scope="module")
+def fused_fp32_model():
+    """The embedded model with q|k|v and gate|up fused into one matmul each (server/fuse.py)."""
+    from quiver.server.config import ModelConfig
+    from quiver.server.loader import load_model
+
+    loaded = load_model(ModelConfig(quantize="none", dtype="float32", device="cpu", fuse_projections=True))
+    assert all(set(layer.fused) == {"qkv", "gate_up"} for layer in loaded.model.layers)
+    q, k = loaded.model.layers[0].proj["q_proj"].weight, loaded.model.layers[0].proj["k_proj"].weight
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size(), "members must be views of the fused weight"
+    return loaded
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused_projections"])
+def test_all_methods_in_one_mixed_batch(fp32_model, fused_fp32_model, suite, fused):
     root, ids, expected = suite
-    engine, manager = make_engine(fp32_model, root)
+    model = fused_fp32_model if fused else fp32_model
+    engine, manager = make_engine(model, root)
     methods = sorted({m for m, _ in expected})
     assert set(manager.ids()) == set(methods)
     rows = capture_logits(engine)

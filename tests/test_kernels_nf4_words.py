@@ -81,6 +81,30 @@ def test_kernel_matches_reference(M, N, K, kw):
     assert (yb.float() - (ref + bias.float())).abs().max().item() <= tol * scale
 
 
+@pytest.mark.gpu  # also runs on CPU under the interpreter
+@needs_triton
+def test_dequant_kernel_slices_and_dispatch(monkeypatch):
+    """The prefill path (Triton dequantize) equals the layout's spec; column slices of a fused
+    weight (strided words/absmax) give the slice's outputs; nf4_words_linear picks by M."""
+    w = synthetic(96, 256, seed=3)
+    words = W.words_from_nf4(w)
+    full = w.dequantize(torch.float32)
+    torch.testing.assert_close(W.triton_words_dequantize(words, w.absmax, torch.float32), full, rtol=0, atol=0)
+    part_w, part_a = words[:, 40:72], w.absmax[:, 40:72]  # rows 40..71 of W, strided views
+    torch.testing.assert_close(W.triton_words_dequantize(part_w, part_a, torch.float32), full[40:72], rtol=0, atol=0)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0)).to(DEV)
+    dtype = torch.float32
+    y = W.triton_nf4_words_linear(x.to(dtype), part_w, part_a, split_k=2)
+    torch.testing.assert_close(y.float(), x @ full[40:72].T, rtol=2e-5, atol=2e-5)
+    monkeypatch.setenv("QUIVER_FORCE_TRITON", "1")
+    big = torch.randn(W.WORDS_MAX_M + 3, 256).to(DEV)  # prefill-sized: dequantize + matmul
+    torch.testing.assert_close(W.nf4_words_linear(big, words, w.absmax), big @ full.T, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(W.nf4_words_linear(x, words, w.absmax), x @ full.T, rtol=2e-5, atol=2e-5)
+    monkeypatch.delenv("QUIVER_FORCE_TRITON")
+    if not CUDA:  # the reference path
+        torch.testing.assert_close(W.nf4_words_linear(x, words, w.absmax), x @ full.T, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008)])
