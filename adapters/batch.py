@@ -8,6 +8,8 @@ Per projection, for the tokens of each slot (one launch per kind, any mix of met
   y   += scaling[slot] * B[slot] (A[slot] x_in)           (LoRA, rsLoRA, AdaLoRA, DoRA, mixes)
   y    = y * out_scale[slot] + out_add[slot]              (IA3, DoRA, BitFit)
   y   += up[slot](act(down[slot] y + bd[slot])) + bu[slot] (bottleneck)
+For a fused projection group (q|k|v, gate|up: server/fuse.py) `group_linear` does the same
+for all members at once, their LoRAs in two launches (kernels/lora_group.py).
 The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on CPU.
 """
 
@@ -19,6 +21,7 @@ from quiver.adapters.bottleneck import ACTIVATIONS
 from quiver.adapters.pool import ACT_NAMES
 from quiver.adapters.pool import LowRankStack, SlotPool
 from quiver.kernels import add_by_slot, lora_expand, lora_shrink, scale_by_slot
+from quiver.kernels.lora_group import GroupMember, lora_group
 
 
 class AdapterBatch:
@@ -55,11 +58,29 @@ class AdapterBatch:
 
     def linear(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         key = (layer, name)
-        pool = self.pool
-        st = pool.lora.get(key)
+        st = self.pool.lora.get(key)
         if st is not None:  # 2 launches: the kernels map token slots through st.present themselves
             h = lora_shrink(x, st.a, self.token_slot, st.ranks, slot_map=st.present, out=self.shrink_out.get(key))
             lora_expand(h, st.b, self.token_slot, st.ranks, st.scaling, y, slot_map=st.present)
+        return self._after_lora(key, y)
+
+    def group_linear(self, layer: int, names: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
+                     widths: list[int]) -> list[torch.Tensor]:
+        """`linear` for every member of a fused projection group at once: y [T, sum(widths)] is
+        the fused matmul's output; the LoRAs of all members take 2 launches (kernels/lora_group.py)."""
+        keys = [(layer, n) for n in names]
+        members, col = [], 0
+        for key, width in zip(keys, widths):
+            st = self.pool.lora.get(key)
+            if st is not None:
+                members.append(GroupMember(st.a, st.b, st.ranks, st.scaling, st.present, self.shrink_out[key], col))
+            col += width
+        if members:
+            lora_group(x, self.token_slot, members, y)
+        return [self._after_lora(key, part) for key, part in zip(keys, y.split(widths, dim=-1))]
+
+    def _after_lora(self, key, y: torch.Tensor) -> torch.Tensor:
+        pool = self.pool
         vec = pool.out_scale.get(key)
         if vec is not None:
             scale_by_slot(y, vec, self.token_slot)

@@ -106,30 +106,45 @@ class SlotPool:
         return table[key]
 
     def _write(self, slot: int, w: AdapterWeights) -> None:
-        dev, dt = self.device, self.dtype
+        """Copies one adapter into a slot. With w staged (AdapterWeights.stage: serving dtype,
+        pinned) every copy is asynchronous on the current stream: the engine thread does not
+        wait for the transfer, and the next forward pass is ordered after it."""
+        def put(dst: torch.Tensor, src: torch.Tensor) -> None:
+            src = w.source(src)
+            if src.dtype != dst.dtype:
+                src = src.to(dst.dtype)
+            dst.copy_(src, non_blocking=src.is_pinned())
+
         for key, d in w.lora.items():
             out_f, in_f = self.base.shapes[key[1]]
             st = self._stack(self.lora, key, in_f, out_f, biased=False)
             r = d.rank
             st.a[slot].zero_(), st.b[slot].zero_()
-            st.a[slot, :r] = d.a.to(dev, dt)
-            st.b[slot, :, :r] = d.b.to(dev, dt)
-            st.ranks[slot], st.scaling[slot], st.present[slot + 1] = r, d.scale, slot
+            put(st.a[slot, :r], d.a)
+            put(st.b[slot, :, :r], d.b)
+            self._meta(st, slot, r, d.scale)
         for key, bn in w.bottleneck.items():
             out_f = self.base.shapes[key[1]][0]
             st = self._stack(self.bottleneck, key, out_f, out_f, biased=True)
             r = bn.rank
             st.a[slot].zero_(), st.b[slot].zero_(), st.down_bias[slot].zero_()
-            st.a[slot, :r] = bn.down.to(dev, dt)
-            st.b[slot, :, :r] = bn.up.to(dev, dt)
-            st.down_bias[slot, :r] = bn.down_bias.to(dev, dt)
-            st.up_bias[slot] = bn.up_bias.to(dev, dt)
-            st.ranks[slot], st.scaling[slot], st.present[slot + 1] = r, 1.0, slot
+            put(st.a[slot, :r], bn.down)
+            put(st.b[slot, :, :r], bn.up)
+            put(st.down_bias[slot, :r], bn.down_bias)
+            put(st.up_bias[slot], bn.up_bias)
+            self._meta(st, slot, r, 1.0)
             st.act_ids[slot + 1] = ACT_NAMES.index(bn.act)
         for table, src, fill, dim_of in ((self.in_scale, w.in_scale, 1.0, 1), (self.out_scale, w.out_scale, 1.0, 0),
                                          (self.out_add, w.out_add, 0.0, 0)):
             for key, vec in src.items():
-                self._vec(table, key, self.base.shapes[key[1]][dim_of], fill)[slot] = vec.to(dev, dt)
+                put(self._vec(table, key, self.base.shapes[key[1]][dim_of], fill)[slot], vec)
+
+    @staticmethod
+    def _meta(st: LowRankStack, slot: int, rank: int, scale: float) -> None:
+        # scalar writes into device tensors: fill_ launches a kernel, no host sync
+        st.ranks[slot].fill_(rank)
+        st.scaling[slot].fill_(scale)
+        st.present[slot + 1].fill_(slot)
 
     def _clear(self, slot: int) -> None:
         old = self.resident.pop(slot)

@@ -66,6 +66,18 @@ class AdapterWeights:
     bottleneck: dict[Key, Bottleneck] = field(default_factory=dict)
     prefix_kv: torch.Tensor | None = None  # [layers, 2, n_virtual, kv_heads, head_dim] (prefix tuning)
     prompt_embeds: torch.Tensor | None = None  # [n_virtual, hidden] (prompt tuning)
+    # id(tensor) -> the same tensor in the serving dtype in pinned memory, made by stage() off
+    # the engine thread so a slot load is a few asynchronous copies (no conversion, no sync)
+    staged: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def stage(self, dtype: torch.dtype) -> None:
+        """Pre-converts every tensor to dtype in page-locked memory (call before the engine loads it)."""
+        pin = torch.cuda.is_available()
+        self.staged = {id(t): (t.to(dtype).pin_memory() if pin else t.to(dtype)) for t in self.tensors()}
+
+    def source(self, t: torch.Tensor) -> torch.Tensor:
+        """The staged copy of one of this adapter's tensors (t itself when not staged)."""
+        return self.staged.get(id(t), t)
 
     def tensors(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []

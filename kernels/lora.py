@@ -411,27 +411,10 @@ def reference_sgmv_expand(
 if HAS_TRITON:
 
     @triton.jit
-    def _bgmv_shrink_kernel(
-        x_ptr,  # [T, H_in]
-        a_ptr,  # [S, R, H_in]
-        slot_ptr,  # [T] int32
-        map_ptr,  # [S'+1] int32 slot map (HAS_MAP) or dummy
-        rank_ptr,  # [S] int32
-        h_ptr,  # [T, R] float32, zero-initialised
-        H_in,
-        K_PER_SPLIT,  # multiple of BLOCK_K
-        stride_xt,
-        stride_as,
-        stride_ar,
-        stride_ht,
-        BLOCK_R: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr,
-        HAS_MAP: tl.constexpr,
-    ):
-        t = tl.program_id(0)
-        pid_r = tl.program_id(1)
-        pid_k = tl.program_id(2)
+    def _bgmv_shrink_body(x_ptr, a_ptr, slot_ptr, map_ptr, rank_ptr, h_ptr, t, pid_r, pid_k, H_in, K_PER_SPLIT,
+                          stride_xt, stride_as, stride_ar, stride_ht,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                          HAS_MAP: tl.constexpr):
         slot = tl.load(slot_ptr + t)
         if HAS_MAP:  # token slot -> this stack's slot (or -1)
             slot = tl.load(map_ptr + slot + 1)
@@ -464,25 +447,32 @@ if HAS_TRITON:
             tl.atomic_add(h_row, acc, mask=out_mask)
 
     @triton.jit
-    def _bgmv_expand_kernel(
-        h_ptr,  # [T, R]
-        b_ptr,  # [S, H_out, R]
+    def _bgmv_shrink_kernel(
+        x_ptr,  # [T, H_in]
+        a_ptr,  # [S, R, H_in]
         slot_ptr,  # [T] int32
         map_ptr,  # [S'+1] int32 slot map (HAS_MAP) or dummy
         rank_ptr,  # [S] int32
-        scale_ptr,  # [S] float32
-        y_ptr,  # [T, H_out], in place
-        H_out,
+        h_ptr,  # [T, R] float32, zero-initialised
+        H_in,
+        K_PER_SPLIT,  # multiple of BLOCK_K
+        stride_xt,
+        stride_as,
+        stride_ar,
         stride_ht,
-        stride_bs,
-        stride_bn,
-        stride_yt,
-        BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
         HAS_MAP: tl.constexpr,
     ):
-        t = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        _bgmv_shrink_body(x_ptr, a_ptr, slot_ptr, map_ptr, rank_ptr, h_ptr, tl.program_id(0), tl.program_id(1),
+                          tl.program_id(2), H_in, K_PER_SPLIT, stride_xt, stride_as, stride_ar, stride_ht,
+                          BLOCK_R, BLOCK_K, SPLIT_K, HAS_MAP)
+
+    @triton.jit
+    def _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, t, pid_n, H_out,
+                          stride_ht, stride_bs, stride_bn, stride_yt,
+                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr):
         slot = tl.load(slot_ptr + t)
         if HAS_MAP:  # token slot -> this stack's slot (or -1)
             slot = tl.load(map_ptr + slot + 1)
@@ -506,6 +496,28 @@ if HAS_TRITON:
         y_row = y_ptr + t.to(tl.int64) * stride_yt + n_offs
         yv = tl.load(y_row, mask=y_mask, other=0.0).to(tl.float32)
         tl.store(y_row, (yv + scale * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+    @triton.jit
+    def _bgmv_expand_kernel(
+        h_ptr,  # [T, R]
+        b_ptr,  # [S, H_out, R]
+        slot_ptr,  # [T] int32
+        map_ptr,  # [S'+1] int32 slot map (HAS_MAP) or dummy
+        rank_ptr,  # [S] int32
+        scale_ptr,  # [S] float32
+        y_ptr,  # [T, H_out], in place
+        H_out,
+        stride_ht,
+        stride_bs,
+        stride_bn,
+        stride_yt,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        HAS_MAP: tl.constexpr,
+    ):
+        _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, tl.program_id(0),
+                          tl.program_id(1), H_out, stride_ht, stride_bs, stride_bn, stride_yt, BLOCK_N, BLOCK_R,
+                          HAS_MAP)
 
     @triton.jit
     def _sgmv_shrink_kernel(

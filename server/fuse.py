@@ -21,9 +21,9 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_pr
 
 
 def _fuse_linear(members: list[nn.Linear]) -> nn.Linear | None:
-    first = members[0].weight
     if any(type(m) is not nn.Linear for m in members):
         return None
+    first = members[0].weight
     if len({(m.weight.dtype, m.weight.device, m.in_features, m.bias is None) for m in members}) != 1:
         return None
     weight = torch.cat([m.weight.data for m in members])

@@ -37,6 +37,9 @@ class AdapterHook(Protocol):
 
     def scales_input(self, layer: int, names: tuple[str, ...]) -> bool: ...
 
+    def group_linear(self, layer: int, names: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
+                     widths: list[int]) -> list[torch.Tensor]: ...
+
     def input_embeds(self, embeds: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -111,10 +114,11 @@ class DecoderLayer(nn.Module):
         ad = batch.adapters
         if group not in self.fused or (ad is not None and ad.scales_input(self.index, names)):
             return [self.linear(n, x, batch) for n in names]
-        outs = self.fused[group](x).split([self.proj[n].out_features for n in names], dim=-1)
+        widths = [self.proj[n].out_features for n in names]
+        y = self.fused[group](x)
         if ad is None:
-            return list(outs)
-        return [ad.linear(self.index, n, x, y) for n, y in zip(names, outs)]
+            return list(y.split(widths, dim=-1))
+        return ad.group_linear(self.index, names, x, y, widths)
 
     def forward(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:

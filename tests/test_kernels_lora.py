@@ -406,7 +406,7 @@ def test_dispatch(monkeypatch):
     x = make_x(3, 49, torch.float32)
     calls = []
     real = L.triton_lora_shrink
-    monkeypatch.setattr(L, "triton_lora_shrink", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(L, "triton_lora_shrink", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     monkeypatch.setenv("QUIVER_FORCE_TRITON", "1")
     h_tri = L.lora_shrink(x, a, st, rk)
     assert calls == [1]

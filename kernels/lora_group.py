@@ -1,0 +1,135 @@
+"""Multi-LoRA over a fused projection group (q|k|v, gate|up) in two launches instead of 2 per member.
+
+Contract: the members of a group share their input x [T, H_in] and write disjoint column ranges
+of one output y [T, sum N] (the fused matmul's output). Member i has its own pool stack
+(a [S, R, H_in], b [S, N_i, R], ranks, scaling), slot map and zero-filled shrink buffer
+h [T, R] float32; all members' a stacks share shape and strides (same H_in, same pool R).
+
+    lora_group(x, token_slot, members, y):
+        for each member m (s = m.slot_map[token_slot[t] + 1], r = m.ranks[s]):
+            m.h[t, :r] = x[t] @ m.a[s, :r].T
+            y[t, m.col : m.col + N_m] += m.scaling[s] * m.h[t, :r] @ m.b[s, :, :r].T
+
+exactly kernels/lora.py's lora_shrink + lora_expand per member (the reference runs those);
+the Triton path runs one shrink launch over all members (grid axis 2 = member x K split) and one
+expand launch whose column blocks span the members. Up to MAX_MEMBERS members.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .lora import (BGMV_EXPAND_BLOCK_N, BGMV_EXPAND_BLOCK_R, BGMV_EXPAND_NUM_WARPS, BGMV_SHRINK_BLOCK_K,
+                   BGMV_SHRINK_MAX_BLOCK_R, BGMV_SHRINK_MAX_SPLIT_K, BGMV_SHRINK_NUM_WARPS,
+                   BGMV_SHRINK_TARGET_PROGRAMS, HAS_TRITON, _cdiv, _device_ctx, _next_pow2, _split_k,
+                   lora_expand, lora_shrink, use_triton)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .lora import _bgmv_expand_body, _bgmv_shrink_body
+
+__all__ = ["GroupMember", "lora_group", "reference_lora_group", "triton_lora_group", "MAX_MEMBERS"]
+
+MAX_MEMBERS = 3
+
+
+@dataclass
+class GroupMember:
+    a: torch.Tensor  # [S, R, H_in]
+    b: torch.Tensor  # [S, N, R]
+    ranks: torch.Tensor  # [S] int32
+    scaling: torch.Tensor  # [S] float32
+    slot_map: torch.Tensor  # [S'+1] int32
+    h: torch.Tensor  # [T, R] float32, zero-filled
+    col: int  # first column of this member in y
+
+
+def reference_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember],
+                         y: torch.Tensor) -> torch.Tensor:
+    for m in members:
+        n = m.b.shape[1]
+        h = lora_shrink(x, m.a, token_slot, m.ranks, slot_map=m.slot_map, out=m.h)
+        lora_expand(h, m.b, token_slot, m.ranks, m.scaling, y[:, m.col:m.col + n], slot_map=m.slot_map)
+    return y
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _pick(i, v0, v1, v2):
+        return tl.where(i == 0, v0, tl.where(i == 1, v1, v2))
+
+    @triton.jit
+    def _group_shrink_kernel(x_ptr, slot_ptr, a0, a1, a2, m0, m1, m2, r0, r1, r2, h0, h1, h2, H_in, K_PER_SPLIT,
+                             stride_xt, stride_as, stride_ar, stride_ht,
+                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid_z = tl.program_id(2)
+        g = pid_z // SPLIT_K
+        _bgmv_shrink_body(x_ptr, _pick(g, a0, a1, a2), slot_ptr, _pick(g, m0, m1, m2), _pick(g, r0, r1, r2),
+                          _pick(g, h0, h1, h2), tl.program_id(0), tl.program_id(1), pid_z % SPLIT_K, H_in,
+                          K_PER_SPLIT, stride_xt, stride_as, stride_ar, stride_ht, BLOCK_R, BLOCK_K, SPLIT_K, True)
+
+    @triton.jit
+    def _group_expand_kernel(slot_ptr, y_ptr, h0, h1, h2, b0, b1, b2, m0, m1, m2, r0, r1, r2, s0, s1, s2,
+                             n0, n1, n2, c0, c1, c2, nb0, nb1, stride_ht, stride_bs0, stride_bs1, stride_bs2,
+                             stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        pid_n = tl.program_id(1)
+        g = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb0 + nb1).to(tl.int32)
+        first = _pick(g, 0, nb0, nb0 + nb1)
+        col = _pick(g, c0, c1, c2)
+        _bgmv_expand_body(_pick(g, h0, h1, h2), _pick(g, b0, b1, b2), slot_ptr, _pick(g, m0, m1, m2),
+                          _pick(g, r0, r1, r2), _pick(g, s0, s1, s2), y_ptr + col, tl.program_id(0), pid_n - first,
+                          _pick(g, n0, n1, n2), stride_ht, _pick(g, stride_bs0, stride_bs1, stride_bs2), stride_bn,
+                          stride_yt, BLOCK_N, BLOCK_R, True)
+
+
+def _check(x, token_slot, members, y) -> None:
+    assert 1 <= len(members) <= MAX_MEMBERS, f"1 to {MAX_MEMBERS} members"
+    T = x.shape[0]
+    a0 = members[0].a
+    for m in members:
+        assert m.a.shape == a0.shape and m.a.stride() == a0.stride() and m.a.dtype == x.dtype, "a stacks differ"
+        assert m.b.is_contiguous() and m.b.shape[2] == a0.shape[1] and m.b.stride(1) == members[0].b.stride(1)
+        assert m.h.shape == (T, a0.shape[1]) and m.h.dtype == torch.float32 and m.h.stride() == members[0].h.stride()
+        assert 0 <= m.col and m.col + m.b.shape[1] <= y.shape[1]
+    assert x.stride(-1) == 1 and y.stride(-1) == 1 and token_slot.dtype == torch.int32
+
+
+def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember],
+                      y: torch.Tensor) -> torch.Tensor:
+    _check(x, token_slot, members, y)
+    T, H_in = x.shape
+    if T == 0:
+        return y
+    ms = members + [members[0]] * (MAX_MEMBERS - len(members))  # padding members are never picked
+    G = len(members)
+    R = members[0].a.shape[1]
+    block_r = min(_next_pow2(R), BGMV_SHRINK_MAX_BLOCK_R)
+    n_rb = _cdiv(R, block_r)
+    block_k = BGMV_SHRINK_BLOCK_K
+    split_k = _split_k(T * n_rb * G, H_in, block_k, BGMV_SHRINK_TARGET_PROGRAMS, BGMV_SHRINK_MAX_SPLIT_K)
+    k_per_split = _cdiv(_cdiv(H_in, split_k), block_k) * block_k
+    a = members[0].a
+    nbs = [_cdiv(m.b.shape[1], BGMV_EXPAND_BLOCK_N) for m in ms]
+    with _device_ctx(x):
+        _group_shrink_kernel[(T, n_rb, split_k * G)](
+            x, token_slot, *[m.a for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
+            *[m.h for m in ms], H_in, k_per_split, x.stride(0), a.stride(0), a.stride(1), members[0].h.stride(0),
+            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=BGMV_SHRINK_NUM_WARPS)
+        _group_expand_kernel[(T, sum(nbs[:G]))](
+            token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
+            *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
+            members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
+            BLOCK_N=BGMV_EXPAND_BLOCK_N, BLOCK_R=BGMV_EXPAND_BLOCK_R, num_warps=BGMV_EXPAND_NUM_WARPS)
+    return y
+
+
+def lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember], y: torch.Tensor) -> torch.Tensor:
+    """See the module docstring; Triton for CUDA tensors (or QUIVER_FORCE_TRITON=1), else the reference."""
+    if use_triton(x, token_slot, y):
+        return triton_lora_group(x, token_slot, members, y)
+    return reference_lora_group(x, token_slot, members, y)
