@@ -96,7 +96,7 @@ class AdapterManager:
 
     def _stage(self, weights: AdapterWeights) -> None:
         if self.device.type == "cuda":
-            weights.stage(self.dtype)
+            weights.stage(self.dtype, self.pool.R)
 
     def resolve(self, adapter_id: str) -> AdapterRef:
         return AdapterRef(adapter_id, self._weights(adapter_id))

@@ -110,7 +110,7 @@ class SlotPool:
         pinned) every copy is asynchronous on the current stream: the engine thread does not
         wait for the transfer, and the next forward pass is ordered after it."""
         def put(dst: torch.Tensor, src: torch.Tensor) -> None:
-            src = w.source(src)
+            src = w.source(src)[tuple(slice(0, n) for n in dst.shape)]  # a staged copy may be padded
             if src.dtype != dst.dtype:
                 src = src.to(dst.dtype)
             dst.copy_(src, non_blocking=src.is_pinned())
@@ -119,9 +119,13 @@ class SlotPool:
             out_f, in_f = self.base.shapes[key[1]]
             st = self._stack(self.lora, key, in_f, out_f, biased=False)
             r = d.rank
-            st.a[slot].zero_(), st.b[slot].zero_()
-            put(st.a[slot, :r], d.a)
-            put(st.b[slot, :, :r], d.b)
+            if w.source(d.a).shape == st.a[slot].shape:  # staged padded to the pool rank: whole rows
+                put(st.a[slot], d.a)
+                put(st.b[slot], d.b)
+            else:
+                st.a[slot].zero_(), st.b[slot].zero_()
+                put(st.a[slot, :r], d.a)
+                put(st.b[slot, :, :r], d.b)
             self._meta(st, slot, r, d.scale)
         for key, bn in w.bottleneck.items():
             out_f = self.base.shapes[key[1]][0]

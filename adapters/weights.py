@@ -70,10 +70,23 @@ class AdapterWeights:
     # the engine thread so a slot load is a few asynchronous copies (no conversion, no sync)
     staged: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def stage(self, dtype: torch.dtype) -> None:
-        """Pre-converts every tensor to dtype in page-locked memory (call before the engine loads it)."""
+    def stage(self, dtype: torch.dtype, rank: int | None = None) -> None:
+        """Pre-converts every tensor to dtype in page-locked memory (call before the engine loads
+        it); with rank, LoRA A and B are zero-padded to that rank (a slot row in one copy)."""
         pin = torch.cuda.is_available()
-        self.staged = {id(t): (t.to(dtype).pin_memory() if pin else t.to(dtype)) for t in self.tensors()}
+
+        def ready(t: torch.Tensor, pad: tuple[int, ...] = ()) -> torch.Tensor:
+            t = t.to(dtype)
+            if pad and any(pad):
+                t = torch.nn.functional.pad(t, pad)
+            return t.pin_memory() if pin and not t.is_cuda else t
+
+        staged = {id(t): ready(t) for t in self.tensors()}
+        if rank is not None:
+            for d in self.lora.values():
+                staged[id(d.a)] = ready(d.a, (0, 0, 0, rank - d.rank))  # [rank, in]
+                staged[id(d.b)] = ready(d.b, (0, rank - d.rank))  # [out, rank]
+        self.staged = staged
 
     def source(self, t: torch.Tensor) -> torch.Tensor:
         """The staged copy of one of this adapter's tensors (t itself when not staged)."""

@@ -43,13 +43,16 @@ WORD_K = 128  # inputs per word group (8 nibbles x 16 rows)
 
 # Decode configs per M bucket: (max_M, BLOCK_M, BLOCK_N, num_warps, num_stages, split_k), from the
 # H100 sweep `python -m quiver.kernels.bench_nf4 --words-sweep` (docs/results/gpu_nf4_words_sweep.json):
-# num_stages 4 and split-K 4 won at every M and shape; BLOCK_N 64 was best or within 5%.
+# num_stages 4 and split-K 4 won at every M and shape (unfused 4096- and 11008-wide outputs, i.e.
+# 64-172 tiles of 64 columns); BLOCK_N 64 was best or within 5%. Fused q|k|v and gate|up outputs
+# have 2-4x more tiles, so split-K is chosen per shape (pick_words_config).
 WORDS_CONFIGS = (
     (16, 16, 64, 4, 4, 4),
     (32, 32, 64, 4, 4, 4),
     (64, 64, 64, 4, 4, 4),
     (128, 64, 64, 4, 4, 4),  # two M tiles: ~the byte kernel and bitsandbytes, 2.5x bf16 (not tuned)
 )
+SPLIT_TARGET_PER_SM = 4
 WORDS_MAX_M = 128  # above: prefill path (Triton dequantize + cuBLAS)
 DEQUANT_BLOCK_N = 64
 
@@ -248,13 +251,29 @@ def _interpreting() -> bool:
 
 
 def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides) -> dict:
-    """Launch config at batch M (the bucket's defaults; keyword overrides win)."""
+    """Launch config at batch M (the bucket's defaults; keyword overrides win). The bucket's
+    split_k is a maximum: K is split (powers of two) only while the grid has fewer than
+    SPLIT_TARGET_PER_SM programs per SM and the float32 partials stay small (split * M <= 128)."""
     for max_m, bm, bn, nw, ns, sk in WORDS_CONFIGS:
         if M <= max_m:
             break
-    cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, split_k=sk)
+    cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if "split_k" not in cfg:
+        tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
+        target = SPLIT_TARGET_PER_SM * _num_sms(device)
+        split = 1
+        while split < sk and tiles * split < target and split * 2 * M <= 128:
+            split *= 2
+        cfg["split_k"] = split
     return cfg
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 SXM (interpreter runs)
 
 
 _CODES: dict = {}

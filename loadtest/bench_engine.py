@@ -110,7 +110,8 @@ def bench_adapter(i: int, base: BaseSpec, ranks: list[int], targets: list[str], 
 
 
 def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[int], targets: list[str],
-                prompt_len: int, steps: int, manager_cache: dict, methods: list[str] = ("lora",)) -> dict:
+                prompt_len: int, steps: int, manager_cache: dict, methods: list[str] = ("lora",),
+                profile: bool = False) -> dict:
     device = loaded.device
     manager = None
     if n_adapters:
@@ -149,7 +150,24 @@ def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[in
         engine.step()
     sync(device)
     ms = (time.perf_counter() - t0) / steps * 1e3
-    return {"batch": batch, "adapters": n_adapters, "ms_per_step": ms, "tok_s": batch * 1e3 / ms}
+    out = {"batch": batch, "adapters": n_adapters, "ms_per_step": ms, "tok_s": batch * 1e3 / ms}
+    if profile:
+        out["profile"] = profile_step(engine, device)
+        print(f"profile, batch {batch}, {n_adapters} adapters (one decode step, GPU kernels):\n{out['profile']}",
+              flush=True)
+    return out
+
+
+def profile_step(engine, device: torch.device, rows: int = 14) -> str:
+    """Kernel time table of one more decode step (CUDA-graph replays included) by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        engine.step()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int = 5) -> dict:
@@ -173,7 +191,7 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
         t0 = time.perf_counter()
         fresh = load_adapter(root / "cold", base, rank)  # the request's thread, as AdapterManager does:
         if loaded.device.type == "cuda":  # read, validate, stage (serving dtype, pinned)
-            fresh.stage(loaded.dtype)
+            fresh.stage(loaded.dtype, pool.R)
         t1 = time.perf_counter()
         fresh.info.adapter_id = f"cold-{i}"
         pool.load(fresh)  # the engine thread: queues the copies
@@ -264,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peft-baseline", action="store_true")
     ap.add_argument("--cold-load", action="store_true", help="also time one adapter's disk -> slot load")
+    ap.add_argument("--profile", default="", help="comma list of batch sizes whose decode step is profiled "
+                                                  "(kernel time table, torch.profiler)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
     device = pick_device("auto")
@@ -271,6 +291,7 @@ def main(argv=None) -> int:
     adapter_counts = [int(a) for a in args.adapters.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
     targets = args.targets.split(",")
+    profile_batches = {int(b) for b in args.profile.split(",")} if args.profile else set()
     rows, extra_rows = [], []
     bw = copy_bandwidth(device)
     for quantize in args.quantize.split(","):
@@ -290,7 +311,7 @@ def main(argv=None) -> int:
             base_ms = None
             for n in adapter_counts:
                 r = time_decode(loaded, batch, n, ranks, targets, args.prompt_len, args.steps, cache,
-                                args.methods.split(","))
+                                args.methods.split(","), profile=batch in profile_batches)
                 r.update(system="quiver", quantize=quantize, weight_mib=loaded.weight_bytes / 2**20,
                          methods=args.methods, ranks=args.ranks)
                 if n == 0:

@@ -198,3 +198,34 @@ def test_engine_survives_a_failing_step(fp32_model):
         assert engine.blocks.num_free == engine.blocks.num_blocks
     finally:
         engine.shutdown()
+
+
+def test_staged_adapter_loads_the_same_slot_rows():
+    """AdapterWeights.stage (serving dtype, LoRA padded to the pool rank) fills a slot exactly
+    as loading the float32 tensors does; a pool of another rank falls back to partial rows."""
+    from quiver.adapters.base import BaseSpec
+    from quiver.adapters.pool import SlotPool
+    from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
+
+    base = BaseSpec(n_layers=2, hidden=16, n_kv_heads=1, head_dim=16, shapes={"q_proj": (24, 16), "down_proj": (16, 40)})
+    g = torch.Generator().manual_seed(0)
+
+    def weights(name):
+        return AdapterWeights(AdapterInfo(name, "lora", rank=3), lora={
+            (1, "q_proj"): LoraDelta(torch.randn(3, 16, generator=g), torch.randn(24, 3, generator=g), 0.5),
+            (0, "down_proj"): LoraDelta(torch.randn(2, 40, generator=g), torch.randn(16, 2, generator=g), 2.0)},
+            out_scale={(0, "down_proj"): torch.rand(16, generator=g)})
+
+    plain, staged = weights("a"), weights("b")
+    staged.lora, staged.out_scale = plain.lora, plain.out_scale  # same values
+    staged.stage(torch.bfloat16, rank=4)
+    assert staged.source(staged.lora[(1, "q_proj")].a).shape == (4, 16)
+    for R in (4, 6):  # 6: the staged rows do not fit whole, partial copies
+        pools = [SlotPool(base, 2, R, torch.bfloat16, torch.device("cpu")) for _ in range(2)]
+        pools[0].load(plain)
+        pools[1].load(staged)
+        for key in plain.lora:
+            for name in ("a", "b", "ranks", "scaling", "present"):
+                assert torch.equal(getattr(pools[0].lora[key], name), getattr(pools[1].lora[key], name)), (R, key, name)
+        assert torch.equal(pools[0].out_scale[(0, "down_proj")], pools[1].out_scale[(0, "down_proj")])
+        assert pools[1].lora[(1, "q_proj")].ranks[0] == 3
