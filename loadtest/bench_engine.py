@@ -128,7 +128,10 @@ def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[in
             manager_cache[key] = m
         manager = manager_cache[key]
         manager.reset_pool(min(n_adapters, batch))
-    max_len = prompt_len + steps + 8 + (16 if "prefix" in methods else 0)
+    # Room for every step of the run: no sequence may finish inside the timed window (a smaller
+    # batch there would replay, or first capture, another graph and skew the time per step).
+    new_tokens = steps + 16 + (1 if profile else 0)
+    max_len = prompt_len + new_tokens + 8 + (16 if "prefix" in methods else 0)
     cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(batch, min(batch * prompt_len, 8192)),
                        max_model_len=max_len, num_blocks=batch * (-(-max_len // 16) + 1) + 8)  # + shared prefix blocks
     engine = Engine(loaded, cfg, adapters=manager)
@@ -137,18 +140,24 @@ def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[in
     for i in range(batch):
         ref = manager.resolve(f"bench-{i % n_adapters}") if n_adapters else None
         engine.submit(torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
-                      SamplingParams(max_new_tokens=steps + 4, ignore_eos=True), adapter=ref)
+                      SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), adapter=ref)
     inbox, engine._inbox = engine._inbox, []
     engine._take(inbox)
     while any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill (possibly chunked)
     for _ in range(2):
-        engine.step()  # warm-up decodes
+        engine.step()  # warm-up decodes (the first captures the decode graph of this batch size)
     sync(device)
+    sizes = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: sizes.append(len(out := schedule())) or out  # noqa: E731
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     sync(device)
+    engine.scheduler.schedule = schedule
+    if sizes != [batch] * steps:
+        raise RuntimeError(f"timed decode steps ran {sizes} sequences, not {batch} each")
     ms = (time.perf_counter() - t0) / steps * 1e3
     out = {"batch": batch, "adapters": n_adapters, "ms_per_step": ms, "tok_s": batch * 1e3 / ms}
     if profile:
