@@ -72,20 +72,33 @@ class AdapterWeights:
 
     def stage(self, dtype: torch.dtype, rank: int | None = None) -> None:
         """Pre-converts every tensor to dtype in page-locked memory (call before the engine loads
-        it); with rank, LoRA A and B are zero-padded to that rank (a slot row in one copy)."""
-        pin = torch.cuda.is_available()
-
-        def ready(t: torch.Tensor, pad: tuple[int, ...] = ()) -> torch.Tensor:
-            t = t.to(dtype)
-            if pad and any(pad):
-                t = torch.nn.functional.pad(t, pad)
-            return t.pin_memory() if pin and not t.is_cuda else t
-
-        staged = {id(t): ready(t) for t in self.tensors()}
+        it); with rank, LoRA A and B are zero-padded to that rank (a slot row in one copy). All
+        staged tensors are views of one pinned buffer (pinning is a costly allocation)."""
+        pads: dict[int, tuple[int, ...]] = {}
         if rank is not None:
             for d in self.lora.values():
-                staged[id(d.a)] = ready(d.a, (0, 0, 0, rank - d.rank))  # [rank, in]
-                staged[id(d.b)] = ready(d.b, (0, rank - d.rank))  # [out, rank]
+                pads[id(d.a)] = (0, 0, 0, rank - d.rank)  # A [r, in] -> [rank, in]
+                pads[id(d.b)] = (0, rank - d.rank)  # B [out, r] -> [out, rank]
+        host = [t for t in self.tensors() if not t.is_cuda]
+        shapes = {id(t): _padded_shape(t.shape, pads.get(id(t), ())) for t in host}
+        total = sum(int(torch.Size(shape).numel()) for shape in shapes.values())
+        buf = torch.empty(total, dtype=dtype, pin_memory=torch.cuda.is_available())
+        staged, off = {}, 0
+        for t in host:
+            shape = shapes[id(t)]
+            n = int(torch.Size(shape).numel())
+            view = buf[off:off + n].view(shape)
+            off += n
+            pad = pads.get(id(t), ())
+            if pad and any(pad):
+                view.zero_()
+                view[tuple(slice(0, k) for k in t.shape)] = t
+            else:
+                view.copy_(t)
+            staged[id(t)] = view
+        for t in self.tensors():
+            if t.is_cuda:  # already on the accelerator (built there): only the dtype
+                staged[id(t)] = t.to(dtype)
         self.staged = staged
 
     def source(self, t: torch.Tensor) -> torch.Tensor:
@@ -105,3 +118,11 @@ class AdapterWeights:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _padded_shape(shape: torch.Size, pad: tuple[int, ...]) -> tuple[int, ...]:
+    """shape after torch.nn.functional.pad(t, pad) with non-negative pads (last dim first)."""
+    out = list(shape)
+    for i in range(len(pad) // 2):
+        out[-1 - i] += pad[2 * i] + pad[2 * i + 1]
+    return tuple(out)

@@ -41,6 +41,8 @@ def good_tensors(r=4, proj="q_proj", out=576):
     ("unknown_module", "targets 'c_attn'"),
     ("bad_shape", "shape"),
     ("nan", "NaN or Inf"),
+    ("inf", "NaN or Inf"),
+    ("opposite_infs", "NaN or Inf"),
     ("rank_too_big", "above this server's maximum"),
     ("layer_out_of_range", "layers"),
     ("pickle_file", "non-safetensors"),
@@ -59,6 +61,10 @@ def test_refusals(tmp_path, base, case, match):
         t[f"{PRE}.q_proj.lora_B.weight"] = torch.randn(100, 4)
     elif case == "nan":
         t[f"{PRE}.q_proj.lora_A.weight"][0, 0] = float("nan")
+    elif case == "inf":
+        t[f"{PRE}.q_proj.lora_B.weight"][3, 1] = float("-inf")
+    elif case == "opposite_infs":  # +inf and -inf: their sum is NaN, still caught
+        t[f"{PRE}.q_proj.lora_A.weight"][0, :2] = torch.tensor([float("inf"), float("-inf")])
     elif case == "rank_too_big":
         t = good_tensors(r=80)
     elif case == "layer_out_of_range":
