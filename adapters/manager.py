@@ -27,6 +27,7 @@ from quiver.adapters.files import CONFIG_NAME, AdapterError, summarize_adapter_d
 from quiver.adapters.methods import load_adapter
 from quiver.adapters.mix import compose, mix_id
 from quiver.adapters.pool import SlotPool
+from quiver.adapters.staging import stage
 from quiver.adapters.weights import AdapterInfo, AdapterWeights
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class AdapterManager:
 
     def _stage(self, weights: AdapterWeights) -> None:
         if self.device.type == "cuda":
-            weights.stage(self.dtype, self.pool.R)
+            stage(weights, self.dtype, self.pool.R, self.base.n_layers, self.base.shapes)
 
     def resolve(self, adapter_id: str) -> AdapterRef:
         return AdapterRef(adapter_id, self._weights(adapter_id))
@@ -178,7 +179,7 @@ class AdapterManager:
         self.prefix_blocks[slot] = taken
         slots = torch.tensor([taken[i // blocks.block_size] * blocks.block_size + i % blocks.block_size
                               for i in range(n)], device=kv.k[0].device)
-        src = w.source(w.prefix_kv)  # staged: serving dtype, pinned -> asynchronous copies
+        src = w.staged.get(("prefix",), (w.prefix_kv,))[0]  # staged: serving dtype, pinned -> async copies
         dev = kv.k[0].device
         for layer in range(len(kv.k)):
             kv.k[layer][slots] = src[layer, 0].to(dev, kv.k[layer].dtype, non_blocking=True)

@@ -1,11 +1,15 @@
 """The fixed pool of accelerator slots that resident adapters live in.
 
-Per (layer, projection), stacked tensors indexed by slot, allocated the first time an adapter
-needs them: LoRA A [S, R, in] / B [S, out, R] / ranks [S] / scaling [S]; scale and bias
-vectors [S, dim] (1 and 0 where a slot has none); bottleneck down/up stacks. Ranks are padded
-to R in storage only: kernels loop to each slot's own rank. `slot_map(key)` [S+1] maps a
-token's slot (+1, so -1 = base model) to the slot or -1 when that slot has nothing there.
-Slots are ref-counted by running sequences; `load` evicts the least recently used free slot.
+LoRA and vector adapters live in banks, one per projection name over all layers, allocated the
+first time an adapter needs that name: LoRA A [L, S, R, in], B [L, S, out, R], ranks and
+scaling [L, S], slot map [L, S+1]; scale and bias vectors [L, S, dim] (1 and 0 where a slot has
+none). `lora[(layer, name)]` is a LowRankStack of views into the bank (what the kernels take);
+loading an adapter into slot s is one copy per bank tensor: bank[:, s] <- the adapter's rows
+(adapters/staging.py, prebuilt and pinned off the engine thread). Bottleneck stacks are per
+(layer, projection). Ranks are padded to R in storage only: kernels loop to each slot's own
+rank. A slot map [S+1] maps a token's slot (+1, so -1 = base model) to the slot or -1 when that
+slot has nothing there. Slots are ref-counted by running sequences; `load` evicts the least
+recently used free slot.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quiver.adapters import staging
 from quiver.adapters.base import BaseSpec
 from quiver.adapters.bottleneck import ACTIVATIONS
 from quiver.adapters.weights import AdapterWeights, Key
@@ -32,6 +37,15 @@ class LowRankStack:
     act_ids: torch.Tensor | None = None  # [S+1] int64 index into ACT_NAMES by slot+1, -1 = none (bottleneck)
 
 
+@dataclass
+class LoraBank:  # one projection name, all layers
+    a: torch.Tensor  # [L, S, R, in]
+    b: torch.Tensor  # [L, S, out, R]
+    ranks: torch.Tensor  # [L, S] int32
+    scaling: torch.Tensor  # [L, S] float32
+    present: torch.Tensor  # [L, S+1] int32
+
+
 ACT_NAMES = tuple(ACTIVATIONS)  # act_ids index this
 
 
@@ -42,7 +56,9 @@ class PoolFull(RuntimeError):
 class SlotPool:
     def __init__(self, base: BaseSpec, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
         self.base, self.S, self.R, self.dtype, self.device = base, num_slots, max_rank, dtype, device
-        self.lora: dict[Key, LowRankStack] = {}
+        self.lora: dict[Key, LowRankStack] = {}  # views into lora_banks
+        self.lora_banks: dict[str, LoraBank] = {}
+        self.vector_banks: dict[tuple[str, str], torch.Tensor] = {}  # (table, name) -> [L, S, dim]
         self.bottleneck: dict[Key, LowRankStack] = {}
         self.in_scale: dict[Key, torch.Tensor] = {}
         self.out_scale: dict[Key, torch.Tensor] = {}
@@ -85,11 +101,31 @@ class SlotPool:
         self.refs[slot] -= 1
 
     # ---- tensors ----
-    def _vec(self, table: dict, key: Key, dim: int, fill: float) -> torch.Tensor:
-        if key not in table:
-            table[key] = torch.full((self.S, dim), fill, dtype=self.dtype, device=self.device)
+    def _vector_bank(self, kind: str, name: str, dim: int, fill: float) -> torch.Tensor:
+        if (kind, name) not in self.vector_banks:
+            bank = torch.full((self.base.n_layers, self.S, dim), fill, dtype=self.dtype, device=self.device)
+            self.vector_banks[(kind, name)] = bank
+            table = getattr(self, kind)
+            for layer in range(self.base.n_layers):
+                table[(layer, name)] = bank[layer]
+            self.version += 1  # captured CUDA graphs do not know these tensors yet
+        return self.vector_banks[(kind, name)]
+
+    def _lora_bank(self, name: str) -> LoraBank:
+        if name not in self.lora_banks:
+            L, S, R = self.base.n_layers, self.S, self.R
+            out_f, in_f = self.base.shapes[name]
+            kw = dict(device=self.device)
+            bank = LoraBank(
+                a=torch.zeros(L, S, R, in_f, dtype=self.dtype, **kw), b=torch.zeros(L, S, out_f, R, dtype=self.dtype, **kw),
+                ranks=torch.ones(L, S, dtype=torch.int32, **kw), scaling=torch.zeros(L, S, dtype=torch.float32, **kw),
+                present=torch.full((L, S + 1), -1, dtype=torch.int32, **kw))
+            self.lora_banks[name] = bank
+            for layer in range(L):
+                self.lora[(layer, name)] = LowRankStack(bank.a[layer], bank.b[layer], bank.ranks[layer],
+                                                        bank.scaling[layer], bank.present[layer])
             self.version += 1
-        return table[key]
+        return self.lora_banks[name]
 
     def _stack(self, table: dict, key: Key, in_f: int, out_f: int, biased: bool) -> LowRankStack:
         if key not in table:
@@ -106,59 +142,50 @@ class SlotPool:
         return table[key]
 
     def _write(self, slot: int, w: AdapterWeights) -> None:
-        """Copies one adapter into a slot. With w staged (AdapterWeights.stage: serving dtype,
-        pinned) every copy is asynchronous on the current stream: the engine thread does not
-        wait for the transfer, and the next forward pass is ordered after it."""
+        """Copies one adapter into a slot: for LoRA and vectors one copy per bank tensor. With w
+        staged (adapters/staging.py: pinned) every copy is asynchronous on the current stream:
+        the engine thread does not wait for the transfer, the next forward pass is ordered after it."""
+        L, dt = self.base.n_layers, self.dtype
+
         def put(dst: torch.Tensor, src: torch.Tensor) -> None:
-            src = w.source(src)[tuple(slice(0, n) for n in dst.shape)]  # a staged copy may be padded
-            if src.dtype != dst.dtype:
-                src = src.to(dst.dtype)
             dst.copy_(src, non_blocking=src.is_pinned())
 
-        for key, d in w.lora.items():
-            out_f, in_f = self.base.shapes[key[1]]
-            st = self._stack(self.lora, key, in_f, out_f, biased=False)
-            r = d.rank
-            if w.source(d.a).shape == st.a[slot].shape:  # staged padded to the pool rank: whole rows
-                put(st.a[slot], d.a)
-                put(st.b[slot], d.b)
-            else:
-                st.a[slot].zero_(), st.b[slot].zero_()
-                put(st.a[slot, :r], d.a)
-                put(st.b[slot, :, :r], d.b)
-            self._meta(st, slot, r, d.scale)
+        for name in staging.names(w.lora):
+            bank = self._lora_bank(name)
+            a, b, ranks, scaling, has = staging.lora_rows(w, name, L, self.R, dt)
+            put(bank.a[:, slot], a)
+            put(bank.b[:, slot], b)
+            put(bank.ranks[:, slot], ranks)
+            put(bank.scaling[:, slot], scaling)
+            has = has.to(self.device, non_blocking=has.is_pinned())  # the map is built on the device:
+            bank.present[:, slot + 1] = torch.where(has, slot, -1)  # a pageable copy would sync
+        for kind in staging.VECTOR_TABLES:
+            table = getattr(w, kind)
+            fill = 0.0 if kind == "out_add" else 1.0
+            for name in staging.names(table):
+                dim = self.base.shapes[name][1 if kind == "in_scale" else 0]
+                rows = w.staged.get((kind, name)) or staging.vector_rows(table, name, L, dim, fill, dt)
+                put(self._vector_bank(kind, name, dim, fill)[:, slot], rows[0])
         for key, bn in w.bottleneck.items():
             out_f = self.base.shapes[key[1]][0]
             st = self._stack(self.bottleneck, key, out_f, out_f, biased=True)
             r = bn.rank
             st.a[slot].zero_(), st.b[slot].zero_(), st.down_bias[slot].zero_()
-            put(st.a[slot, :r], bn.down)
-            put(st.b[slot, :, :r], bn.up)
-            put(st.down_bias[slot, :r], bn.down_bias)
-            put(st.up_bias[slot], bn.up_bias)
-            self._meta(st, slot, r, 1.0)
+            st.a[slot, :r] = bn.down.to(self.device, dt)
+            st.b[slot, :, :r] = bn.up.to(self.device, dt)
+            st.down_bias[slot, :r] = bn.down_bias.to(self.device, dt)
+            st.up_bias[slot] = bn.up_bias.to(self.device, dt)
+            st.ranks[slot], st.scaling[slot], st.present[slot + 1] = r, 1.0, slot
             st.act_ids[slot + 1] = ACT_NAMES.index(bn.act)
-        for table, src, fill, dim_of in ((self.in_scale, w.in_scale, 1.0, 1), (self.out_scale, w.out_scale, 1.0, 0),
-                                         (self.out_add, w.out_add, 0.0, 0)):
-            for key, vec in src.items():
-                put(self._vec(table, key, self.base.shapes[key[1]][dim_of], fill)[slot], vec)
-
-    @staticmethod
-    def _meta(st: LowRankStack, slot: int, rank: int, scale: float) -> None:
-        # scalar writes into device tensors: fill_ launches a kernel, no host sync
-        st.ranks[slot].fill_(rank)
-        st.scaling[slot].fill_(scale)
-        st.present[slot + 1].fill_(slot)
 
     def _clear(self, slot: int) -> None:
         old = self.resident.pop(slot)
-        for table in (self.lora, self.bottleneck):
-            for st in table.values():
-                st.present[slot + 1] = -1
-                if st.act_ids is not None:
-                    st.act_ids[slot + 1] = -1
-        for table, fill in ((self.in_scale, 1.0), (self.out_scale, 1.0), (self.out_add, 0.0)):
-            for vec in table.values():
-                vec[slot] = fill
+        for bank in self.lora_banks.values():
+            bank.present[:, slot + 1] = -1
+        for st in self.bottleneck.values():
+            st.present[slot + 1] = -1
+            st.act_ids[slot + 1] = -1
+        for (kind, _), bank in self.vector_banks.items():
+            bank[:, slot] = 0.0 if kind == "out_add" else 1.0
         if self.on_evict is not None:
             self.on_evict(slot, old)

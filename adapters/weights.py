@@ -66,44 +66,8 @@ class AdapterWeights:
     bottleneck: dict[Key, Bottleneck] = field(default_factory=dict)
     prefix_kv: torch.Tensor | None = None  # [layers, 2, n_virtual, kv_heads, head_dim] (prefix tuning)
     prompt_embeds: torch.Tensor | None = None  # [n_virtual, hidden] (prompt tuning)
-    # id(tensor) -> the same tensor in the serving dtype in pinned memory, made by stage() off
-    # the engine thread so a slot load is a few asynchronous copies (no conversion, no sync)
-    staged: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def stage(self, dtype: torch.dtype, rank: int | None = None) -> None:
-        """Pre-converts every tensor to dtype in page-locked memory (call before the engine loads
-        it); with rank, LoRA A and B are zero-padded to that rank (a slot row in one copy). All
-        staged tensors are views of one pinned buffer (pinning is a costly allocation)."""
-        pads: dict[int, tuple[int, ...]] = {}
-        if rank is not None:
-            for d in self.lora.values():
-                pads[id(d.a)] = (0, 0, 0, rank - d.rank)  # A [r, in] -> [rank, in]
-                pads[id(d.b)] = (0, rank - d.rank)  # B [out, r] -> [out, rank]
-        host = [t for t in self.tensors() if not t.is_cuda]
-        shapes = {id(t): _padded_shape(t.shape, pads.get(id(t), ())) for t in host}
-        total = sum(int(torch.Size(shape).numel()) for shape in shapes.values())
-        buf = torch.empty(total, dtype=dtype, pin_memory=torch.cuda.is_available())
-        staged, off = {}, 0
-        for t in host:
-            shape = shapes[id(t)]
-            n = int(torch.Size(shape).numel())
-            view = buf[off:off + n].view(shape)
-            off += n
-            pad = pads.get(id(t), ())
-            if pad and any(pad):
-                view.zero_()
-                view[tuple(slice(0, k) for k in t.shape)] = t
-            else:
-                view.copy_(t)
-            staged[id(t)] = view
-        for t in self.tensors():
-            if t.is_cuda:  # already on the accelerator (built there): only the dtype
-                staged[id(t)] = t.to(dtype)
-        self.staged = staged
-
-    def source(self, t: torch.Tensor) -> torch.Tensor:
-        """The staged copy of one of this adapter's tensors (t itself when not staged)."""
-        return self.staged.get(id(t), t)
+    # the slot pool's rows of this adapter, prebuilt off the engine thread (adapters/staging.py)
+    staged: dict = field(default_factory=dict, repr=False)
 
     def tensors(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -119,10 +83,3 @@ class AdapterWeights:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-
-def _padded_shape(shape: torch.Size, pad: tuple[int, ...]) -> tuple[int, ...]:
-    """shape after torch.nn.functional.pad(t, pad) with non-negative pads (last dim first)."""
-    out = list(shape)
-    for i in range(len(pad) // 2):
-        out[-1 - i] += pad[2 * i] + pad[2 * i + 1]
-    return tuple(out)

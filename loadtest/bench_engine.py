@@ -187,6 +187,7 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     from quiver.adapters.lora import save_lora
     from quiver.adapters.methods import load_adapter
     from quiver.adapters.pool import SlotPool
+    from quiver.adapters.staging import stage
 
     base = BaseSpec.from_model(loaded.model)
     root = Path(tempfile.mkdtemp())
@@ -200,7 +201,7 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
         t0 = time.perf_counter()
         fresh = load_adapter(root / "cold", base, rank)  # the request's thread, as AdapterManager does:
         if loaded.device.type == "cuda":  # read, validate, stage (serving dtype, pinned)
-            fresh.stage(loaded.dtype, pool.R)
+            stage(fresh, loaded.dtype, pool.R, base.n_layers, base.shapes)
         t1 = time.perf_counter()
         fresh.info.adapter_id = f"cold-{i}"
         pool.load(fresh)  # the engine thread: queues the copies

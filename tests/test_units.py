@@ -201,13 +201,16 @@ def test_engine_survives_a_failing_step(fp32_model):
 
 
 def test_staged_adapter_loads_the_same_slot_rows():
-    """AdapterWeights.stage (serving dtype, LoRA padded to the pool rank) fills a slot exactly
-    as loading the float32 tensors does; a pool of another rank falls back to partial rows."""
+    """staging.stage (serving dtype, rows padded to the pool rank, one buffer) fills a slot
+    exactly as loading the float32 tensors does; banks hold every layer, -1 where the adapter
+    has nothing; eviction clears the slot's map and vectors."""
+    from quiver.adapters import staging
     from quiver.adapters.base import BaseSpec
     from quiver.adapters.pool import SlotPool
     from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
 
-    base = BaseSpec(n_layers=2, hidden=16, n_kv_heads=1, head_dim=16, shapes={"q_proj": (24, 16), "down_proj": (16, 40)})
+    shapes = {"q_proj": (24, 16), "down_proj": (16, 40)}
+    base = BaseSpec(n_layers=2, hidden=16, n_kv_heads=1, head_dim=16, shapes=shapes)
     g = torch.Generator().manual_seed(0)
 
     def weights(name):
@@ -218,14 +221,25 @@ def test_staged_adapter_loads_the_same_slot_rows():
 
     plain, staged = weights("a"), weights("b")
     staged.lora, staged.out_scale = plain.lora, plain.out_scale  # same values
-    staged.stage(torch.bfloat16, rank=4)
-    assert staged.source(staged.lora[(1, "q_proj")].a).shape == (4, 16)
-    for R in (4, 6):  # 6: the staged rows do not fit whole, partial copies
-        pools = [SlotPool(base, 2, R, torch.bfloat16, torch.device("cpu")) for _ in range(2)]
-        pools[0].load(plain)
-        pools[1].load(staged)
-        for key in plain.lora:
-            for name in ("a", "b", "ranks", "scaling", "present"):
-                assert torch.equal(getattr(pools[0].lora[key], name), getattr(pools[1].lora[key], name)), (R, key, name)
-        assert torch.equal(pools[0].out_scale[(0, "down_proj")], pools[1].out_scale[(0, "down_proj")])
-        assert pools[1].lora[(1, "q_proj")].ranks[0] == 3
+    staging.stage(staged, torch.bfloat16, 4, 2, shapes)
+    assert staged.staged[("lora", "q_proj")][0].shape == (2, 4, 16)  # [L, R, in]
+    pools = [SlotPool(base, 2, 4, torch.bfloat16, torch.device("cpu")) for _ in range(2)]
+    assert pools[0].load(plain) == 0 and pools[1].load(staged) == 0
+    for key in [(0, "q_proj"), (1, "q_proj"), (0, "down_proj"), (1, "down_proj")]:
+        for name in ("a", "b", "ranks", "scaling", "present"):
+            assert torch.equal(getattr(pools[0].lora[key], name), getattr(pools[1].lora[key], name)), (key, name)
+    st = pools[1].lora[(1, "q_proj")]
+    assert st.present.tolist() == [-1, 0, -1] and int(st.ranks[0]) == 3
+    assert pools[1].lora[(0, "q_proj")].present.tolist() == [-1, -1, -1]  # no q_proj LoRA in layer 0
+    want = plain.lora[(1, "q_proj")]
+    assert torch.equal(st.a[0, :3], want.a.to(torch.bfloat16)) and st.a[0, 3].abs().sum() == 0
+    for p in pools:
+        torch.testing.assert_close(p.out_scale[(0, "down_proj")][0], plain.out_scale[(0, "down_proj")].to(torch.bfloat16))
+        assert torch.equal(p.out_scale[(1, "down_proj")][0], torch.ones(16, dtype=torch.bfloat16))
+    # a second adapter evicts the first when every slot is taken and none is pinned
+    pools[1].load(weights("c"))
+    pools[1].pin(0), pools[1].pin(1)
+    with pytest.raises(Exception):
+        pools[1].load(weights("d"))
+    pools[1].unpin(0)
+    assert pools[1].load(weights("e")) == 0
