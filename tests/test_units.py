@@ -243,3 +243,39 @@ def test_staged_adapter_loads_the_same_slot_rows():
         pools[1].load(weights("d"))
     pools[1].unpin(0)
     assert pools[1].load(weights("e")) == 0
+
+
+def test_capture_all_graphs_ahead_of_serving(fp32_model, monkeypatch):
+    """DecodeGraphs.capture_all captures the no-adapter graph of every bucket, largest first,
+    from padding rows only (the scratch KV slot); decode steps then capture nothing. (CPU: the
+    capture is replaced by a recorder; the GPU tests replay real graphs.)"""
+    from quiver.server.config import EngineConfig
+    from quiver.server.engine import graphs as G
+    from quiver.server.engine.engine import Engine
+
+    engine = Engine(fp32_model, EngineConfig(max_num_seqs=12, max_model_len=64))
+    kv, cfg = engine.kv, engine.cfg
+    scratch = cfg.num_blocks * cfg.block_size
+    dg = G.DecodeGraphs(fp32_model.model, kv, cfg.max_num_seqs, cfg.max_blocks_per_seq + 8, scratch,
+                        torch.device("cpu"))
+    dg.enabled = True
+    dg.slot_mapping.fill_(3)  # stale rows of an earlier step must not be written by the warm-up
+    captured = []
+
+    def record(bucket, adapters):
+        captured.append(bucket)
+        assert adapters is None and bool((dg.slot_mapping == scratch).all()) and int(dg.context_lens.sum()) == 0
+        return object(), None
+
+    monkeypatch.setattr(dg, "_capture", record)
+    assert dg.capture_all() == len(dg.buckets)
+    assert captured == sorted(dg.buckets, reverse=True) == [12, 8, 4, 2, 1]
+    assert dg.capture_all() == len(dg.buckets) and len(captured) == 5  # nothing captured twice
+
+    def fail(bucket, adapters):
+        raise RuntimeError("op not capturable")
+
+    dg2 = G.DecodeGraphs(fp32_model.model, kv, 4, 8, scratch, torch.device("cpu"))
+    dg2.enabled = True
+    monkeypatch.setattr(dg2, "_capture", fail)
+    assert dg2.capture_all() == 0 and not dg2.enabled  # graphs off: decode runs eagerly

@@ -126,6 +126,11 @@ class Engine:
             self._cv.notify()
 
     def start(self) -> None:
+        graphs = self.runner.graphs
+        if graphs is not None:  # capture every decode bucket now, not in the middle of serving
+            t0 = time.monotonic()
+            n = graphs.capture_all()
+            log.info("captured %d decode CUDA graphs in %.1f s", n, time.monotonic() - t0)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
         self._thread.start()

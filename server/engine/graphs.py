@@ -5,8 +5,10 @@ every sequence decoding one token, batch within the largest bucket, prefix-tunin
 block-aligned); `run(scheduled, adapter_batch_factory)` copies the step into static buffers,
 replays the graph of the smallest bucket >= batch and returns logits [batch, vocab].
 Padding rows write to a scratch KV slot, attend to nothing (context 0) and use no adapter.
-A graph is captured on first use of a (bucket, adapters on/off, pool version) key; if capture
-fails (an op that cannot be captured), graphs are switched off and steps run eagerly.
+A graph is captured on first use of a (bucket, adapters on/off, pool version) key, or ahead
+of time by `capture_all()` (no-adapter graphs of every bucket; the engine does it when its
+thread starts); if capture fails (an op that cannot be captured), graphs are switched off and
+steps run eagerly.
 """
 
 from __future__ import annotations
@@ -91,6 +93,27 @@ class DecodeGraphs:
         slot_ids = [-1 if item.seq.slot is None else item.seq.slot for item in scheduled]
         self.token_slot[:n].copy_(torch.tensor(slot_ids, dtype=torch.int32), non_blocking=True)
         self.token_slot[n:].fill_(-1)
+
+    def capture_all(self) -> int:
+        """Captures the no-adapter graph of every bucket, largest first (smaller captures reuse
+        its memory), so no decode step stalls on a capture later. The static buffers hold
+        padding rows meanwhile (context 0, scratch slot), as a real step's padding does.
+        Returns the number captured; a failed capture switches graphs off, as in run()."""
+        self.slot_mapping.fill_(self.scratch_slot)  # every row a padding row: the warm-up
+        self.context_lens.zero_()  # passes of a capture write K/V to the scratch slot only
+        self.token_slot.fill_(-1)
+        for bucket in sorted(self.buckets, reverse=True):
+            key = (bucket, False, 0)
+            if not self.enabled:
+                break
+            if key in self.graphs:
+                continue
+            try:
+                self.graphs[key] = self._capture(bucket, None)
+            except Exception as exc:
+                log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
+                self.enabled = False
+        return sum(1 for key in self.graphs if not key[1])
 
     def run(self, scheduled, blocks, adapter_batch_factory, prefix_blocks, pool_version: int) -> torch.Tensor:
         n = len(scheduled)
