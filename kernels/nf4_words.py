@@ -29,12 +29,11 @@ dot runs in float32; the layout, the per-block scaling and the split-K are the s
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from .lora import HAS_TRITON, _device_ctx, tl, triton, use_triton
-from .nf4 import NF4_CODE, NF4Weight
+from .nf4 import NF4_CODE, NF4Weight, _interpreting, _num_sms
 
 __all__ = ["WORD_K", "words_from_nf4", "dequantize_words", "triton_nf4_words_linear", "triton_words_dequantize",
            "reference_words_linear", "nf4_words_linear", "pick_words_config"]
@@ -246,10 +245,6 @@ if HAS_TRITON:
             tl.store(row + 16 * s, (tl.load(code_ptr + ((w >> (4 * s)) & 15)) * am).to(ty), mask=n_mask[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-
-
 def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides) -> dict:
     """Launch config at batch M (the bucket's defaults; keyword overrides win). The bucket's
     split_k is a maximum: K is split (powers of two) only while the grid has fewer than
@@ -267,13 +262,6 @@ def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides)
             split *= 2
         cfg["split_k"] = split
     return cfg
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # H100 SXM (interpreter runs)
 
 
 _CODES: dict = {}
