@@ -101,9 +101,11 @@ class SlotPool:
         self.refs[slot] -= 1
 
     # ---- tensors ----
-    def _vector_bank(self, kind: str, name: str, dim: int, fill: float) -> torch.Tensor:
+    def _vector_bank(self, kind: str, name: str) -> torch.Tensor:
         if (kind, name) not in self.vector_banks:
-            bank = torch.full((self.base.n_layers, self.S, dim), fill, dtype=self.dtype, device=self.device)
+            dim = staging.vector_dim(self.base.shapes, kind, name)
+            bank = torch.full((self.base.n_layers, self.S, dim), staging.FILL[kind], dtype=self.dtype,
+                              device=self.device)
             self.vector_banks[(kind, name)] = bank
             table = getattr(self, kind)
             for layer in range(self.base.n_layers):
@@ -127,19 +129,20 @@ class SlotPool:
             self.version += 1
         return self.lora_banks[name]
 
-    def _stack(self, table: dict, key: Key, in_f: int, out_f: int, biased: bool) -> LowRankStack:
-        if key not in table:
+    def _bottleneck_stack(self, key: Key, dim: int) -> LowRankStack:
+        """down [S, R, dim], up [S, dim, R] and their biases for one (layer, projection)."""
+        if key not in self.bottleneck:
             z = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
-            table[key] = LowRankStack(
-                a=z(self.S, self.R, in_f), b=z(self.S, out_f, self.R),
+            self.bottleneck[key] = LowRankStack(
+                a=z(self.S, self.R, dim), b=z(self.S, dim, self.R),
                 ranks=torch.ones(self.S, dtype=torch.int32, device=self.device),
                 scaling=torch.zeros(self.S, dtype=torch.float32, device=self.device),
                 present=torch.full((self.S + 1,), -1, dtype=torch.int32, device=self.device),
-                down_bias=z(self.S, self.R) if biased else None, up_bias=z(self.S, out_f) if biased else None,
-                act_ids=torch.full((self.S + 1,), -1, dtype=torch.long, device=self.device) if biased else None,
+                down_bias=z(self.S, self.R), up_bias=z(self.S, dim),
+                act_ids=torch.full((self.S + 1,), -1, dtype=torch.long, device=self.device),
             )
             self.version += 1  # captured CUDA graphs do not know this stack yet
-        return table[key]
+        return self.bottleneck[key]
 
     def _write(self, slot: int, w: AdapterWeights) -> None:
         """Copies one adapter into a slot: for LoRA and vectors one copy per bank tensor. With w
@@ -160,15 +163,11 @@ class SlotPool:
             has = has.to(self.device, non_blocking=has.is_pinned())  # the map is built on the device:
             bank.present[:, slot + 1] = torch.where(has, slot, -1)  # a pageable copy would sync
         for kind in staging.VECTOR_TABLES:
-            table = getattr(w, kind)
-            fill = 0.0 if kind == "out_add" else 1.0
-            for name in staging.names(table):
-                dim = self.base.shapes[name][1 if kind == "in_scale" else 0]
-                rows = w.staged.get((kind, name)) or staging.vector_rows(table, name, L, dim, fill, dt)
-                put(self._vector_bank(kind, name, dim, fill)[:, slot], rows[0])
+            for name in staging.names(getattr(w, kind)):
+                v, _ = staging.vector_rows(w, kind, name, L, self.base.shapes, dt)
+                put(self._vector_bank(kind, name)[:, slot], v)
         for key, bn in w.bottleneck.items():
-            out_f = self.base.shapes[key[1]][0]
-            st = self._stack(self.bottleneck, key, out_f, out_f, biased=True)
+            st = self._bottleneck_stack(key, self.base.shapes[key[1]][0])
             r = bn.rank
             st.a[slot].zero_(), st.b[slot].zero_(), st.down_bias[slot].zero_()
             st.a[slot, :r] = bn.down.to(self.device, dt)
@@ -186,6 +185,6 @@ class SlotPool:
             st.present[slot + 1] = -1
             st.act_ids[slot + 1] = -1
         for (kind, _), bank in self.vector_banks.items():
-            bank[:, slot] = 0.0 if kind == "out_add" else 1.0
+            bank[:, slot] = staging.FILL[kind]
         if self.on_evict is not None:
             self.on_evict(slot, old)

@@ -7,12 +7,13 @@ bank: bank[:, s] <- rows, with rows built here:
     lora_rows(w, name, L, R, dtype) -> (A [L, R, in], B [L, out, R], ranks [L] int32,
                                         scaling [L] float32, has [L] bool)
         zero padding beyond each layer's rank and in layers the adapter does not touch
-    vector_rows(w.out_scale (or in_scale, out_add), name, L, dim, fill, dtype) -> (V [L, dim], has [L])
-        fill (1 for scales, 0 for biases) in layers without a vector
+    vector_rows(w, kind, name, L, dims, dtype) -> (V [L, dim], has [L])   kind: in_scale | out_scale | out_add
+        FILL[kind] (1 for scales, 0 for biases) in layers without a vector
 
 `stage(w, dtype, R, L)` builds all of them once, off the engine thread, in ONE page-locked buffer
 (pinning is a costly allocation; one per adapter), so the engine thread only queues asynchronous
-copies. Unstaged adapters (CPU serving) get their rows built at load time instead.
+copies. Unstaged adapters (CPU serving), or staged for another pool rank or dtype, get their
+rows built at load time instead.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 from quiver.adapters.weights import AdapterWeights
 
 VECTOR_TABLES = ("in_scale", "out_scale", "out_add")
+FILL = {"in_scale": 1.0, "out_scale": 1.0, "out_add": 0.0}  # a slot (or layer) without the vector
 
 
 def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: torch.dtype):
-    cached = w.staged.get(("lora", name))
+    cached = _cached(w, ("lora", name), dtype, rank)
     if cached is not None:
         return cached
     deltas = {layer: d for (layer, n), d in w.lora.items() if n == name}
@@ -43,14 +45,31 @@ def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: tor
     return a, b, ranks, scaling, has
 
 
-def vector_rows(table: dict, name: str, n_layers: int, dim: int, fill: float, dtype: torch.dtype):
-    v = torch.full((n_layers, dim), fill, dtype=dtype)
+def vector_rows(w: AdapterWeights, kind: str, name: str, n_layers: int, dims: dict[str, tuple[int, int]],
+                dtype: torch.dtype):
+    cached = _cached(w, (kind, name), dtype)
+    if cached is not None:
+        return cached
+    v = torch.full((n_layers, vector_dim(dims, kind, name)), FILL[kind], dtype=dtype)
     has = torch.zeros(n_layers, dtype=torch.bool)
-    for (layer, n), vec in table.items():
+    for (layer, n), vec in getattr(w, kind).items():
         if n == name:
             v[layer] = vec
             has[layer] = True
     return v, has
+
+
+def vector_dim(dims: dict[str, tuple[int, int]], kind: str, name: str) -> int:
+    """Length of a `kind` vector on projection `name` (dims: name -> (out, in))."""
+    return dims[name][1 if kind == "in_scale" else 0]
+
+
+def _cached(w: AdapterWeights, key: tuple, dtype: torch.dtype, rank: int | None = None):
+    """Staged rows of w when they fit (dtype, and rank for LoRA): a pool of another rank builds its own."""
+    rows = w.staged.get(key)
+    if rows is None or rows[0].dtype != dtype or (rank is not None and rows[0].shape[1] != rank):
+        return None
+    return rows
 
 
 def names(keys) -> list[str]:
@@ -59,14 +78,13 @@ def names(keys) -> list[str]:
 
 def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims: dict[str, tuple[int, int]]) -> None:
     """Builds every bank row of w (and its prefix KV) in one pinned buffer; dims: name -> (out, in)."""
+    w.staged = {}
     parts: dict = {}
     for name in names(w.lora):
         parts[("lora", name)] = lora_rows(w, name, n_layers, rank, dtype)
     for kind in VECTOR_TABLES:
-        table = getattr(w, kind)
-        for name in names(table):
-            dim = dims[name][1 if kind == "in_scale" else 0]
-            parts[(kind, name)] = vector_rows(table, name, n_layers, dim, 0.0 if kind == "out_add" else 1.0, dtype)
+        for name in names(getattr(w, kind)):
+            parts[(kind, name)] = vector_rows(w, kind, name, n_layers, dims, dtype)
     if w.prefix_kv is not None:
         parts[("prefix",)] = (w.prefix_kv.to(dtype),)
     w.staged = _pin_all(parts)

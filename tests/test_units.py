@@ -223,11 +223,12 @@ def test_staged_adapter_loads_the_same_slot_rows():
     staged.lora, staged.out_scale = plain.lora, plain.out_scale  # same values
     staging.stage(staged, torch.bfloat16, 4, 2, shapes)
     assert staged.staged[("lora", "q_proj")][0].shape == (2, 4, 16)  # [L, R, in]
-    pools = [SlotPool(base, 2, 4, torch.bfloat16, torch.device("cpu")) for _ in range(2)]
-    assert pools[0].load(plain) == 0 and pools[1].load(staged) == 0
-    for key in [(0, "q_proj"), (1, "q_proj"), (0, "down_proj"), (1, "down_proj")]:
-        for name in ("a", "b", "ranks", "scaling", "present"):
-            assert torch.equal(getattr(pools[0].lora[key], name), getattr(pools[1].lora[key], name)), (key, name)
+    for R in (6, 4):  # 6: the rows were staged for rank 4, so the pool builds its own
+        pools = [SlotPool(base, 2, R, torch.bfloat16, torch.device("cpu")) for _ in range(2)]
+        assert pools[0].load(plain) == 0 and pools[1].load(staged) == 0
+        for key in [(0, "q_proj"), (1, "q_proj"), (0, "down_proj"), (1, "down_proj")]:
+            for name in ("a", "b", "ranks", "scaling", "present"):
+                assert torch.equal(getattr(pools[0].lora[key], name), getattr(pools[1].lora[key], name)), (R, key, name)
     st = pools[1].lora[(1, "q_proj")]
     assert st.present.tolist() == [-1, 0, -1] and int(st.ranks[0]) == 3
     assert pools[1].lora[(0, "q_proj")].present.tolist() == [-1, -1, -1]  # no q_proj LoRA in layer 0
