@@ -106,14 +106,20 @@ class DecodeGraphs:
             key = (bucket, False, 0)
             if not self.enabled:
                 break
-            if key in self.graphs:
-                continue
-            try:
-                self.graphs[key] = self._capture(bucket, None)
-            except Exception as exc:
-                log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
-                self.enabled = False
+            if key not in self.graphs:
+                self._try_capture(key, bucket, None)
         return sum(1 for key in self.graphs if not key[1])
+
+    def _try_capture(self, key: tuple, bucket: int, adapters) -> bool:
+        """Captures the graph of `key`; if capture fails (an op that cannot be captured), graphs
+        are switched off and decode runs eagerly from now on."""
+        try:
+            self.graphs[key] = self._capture(bucket, adapters)
+            return True
+        except Exception as exc:
+            log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
+            self.enabled = False
+            return False
 
     def run(self, scheduled, blocks, adapter_batch_factory, prefix_blocks, pool_version: int) -> torch.Tensor:
         n = len(scheduled)
@@ -123,11 +129,7 @@ class DecodeGraphs:
         key = (bucket, use_adapters, pool_version if use_adapters else 0)
         if key not in self.graphs:
             adapters = adapter_batch_factory(self.token_slot[:bucket]) if use_adapters else None
-            try:
-                self.graphs[key] = self._capture(bucket, adapters)
-            except Exception as exc:  # an op that cannot be captured: run eagerly from now on
-                log.warning("CUDA graph capture failed (%s); decode runs eagerly", exc)
-                self.enabled = False
+            if not self._try_capture(key, bucket, adapters):
                 return self.model(self._batch(bucket, adapters), self.kv)[:n]
         graph, out = self.graphs[key]
         graph.replay()
