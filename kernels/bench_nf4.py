@@ -320,6 +320,21 @@ def words_candidates(M: int) -> list[dict]:
     return c
 
 
+def rank_configs(layers, method: str, xs: dict, cands: list[dict], shape: tuple[int, int], n_lin: int,
+                 reps: int, tag: str) -> list[tuple[float, dict]]:
+    """(us per linear, cfg) of every config that runs, fastest first; failures are reported."""
+    res = []
+    for cfg in cands:
+        try:
+            us = time_graph(make_pass(layers, method, xs, cfg, only=shape), reps=reps) * 1e3 / n_lin
+        except Exception as e:  # a config may not compile (e.g. out of shared memory)
+            torch.cuda.synchronize()
+            print(f"  {tag} {cfg}: failed {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            continue
+        res.append((us, cfg))
+    return sorted(res, key=lambda t: t[0])
+
+
 def run_words_sweep(args) -> dict:
     """Per (M, shape): bf16, bnb, the byte-layout kernel's defaults and the word-kernel configs."""
     layers = build_layers(args.layers)
@@ -330,16 +345,7 @@ def run_words_sweep(args) -> dict:
             n_lin = sum(1 for layer in layers for lin in layer if (lin["N"], lin["K"]) == (N, K))
             base = {m: time_graph(make_pass(layers, m, xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin
                     for m in ("bf16", "bnb", "ours")}
-            res = []
-            for cfg in words_candidates(M):
-                try:
-                    us = time_graph(make_pass(layers, "words", xs, cfg, only=(N, K)), reps=args.reps) * 1e3 / n_lin
-                except Exception as e:
-                    torch.cuda.synchronize()
-                    print(f"  M={M} {label} {cfg}: failed {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-                    continue
-                res.append((us, cfg))
-            res.sort(key=lambda t: t[0])
+            res = rank_configs(layers, "words", xs, words_candidates(M), (N, K), n_lin, args.reps, f"M={M} {label}")
             w_bytes = N * K // 2 + (K // 64) * N * 4
             print(f"M={M} {label}: bf16 {base['bf16']:.1f} us, bnb {base['bnb']:.1f}, bytes-kernel {base['ours']:.1f}")
             for us, cfg in res[:4]:
@@ -359,18 +365,8 @@ def run_sweep(args) -> dict:
             n_lin = sum(1 for layer in layers for lin in layer if (lin["N"], lin["K"]) == (N, K))
             default = nf4.pick_config(M, N, K, torch.device(DEVICE))
             cands = [dict()] + sweep_candidates(M)
-            res = []
             t0 = time.time()
-            for cfg in cands:
-                try:
-                    fn = make_pass(layers, "ours", xs, cfg, only=(N, K))
-                    us = time_graph(fn, reps=args.reps) * 1e3 / n_lin
-                except Exception as e:  # a config may not compile (e.g. out of shared memory)
-                    torch.cuda.synchronize()
-                    print(f"  M={M} {label} {cfg}: failed {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
-                    continue
-                res.append((us, cfg))
-            res.sort(key=lambda t: t[0])
+            res = rank_configs(layers, "ours", xs, cands, (N, K), n_lin, args.reps, f"M={M} {label}")
             bf16_us = time_graph(make_pass(layers, "bf16", xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin
             default_us = next(us for us, cfg in res if cfg == {}) if any(cfg == {} for _, cfg in res) else float("nan")
             w_bytes = N * K // 2 + (K // 64) * N * 4
