@@ -79,6 +79,7 @@ import torch
 
 from .lora import FLOAT_DTYPES, HAS_TRITON, _cdiv, _check_same_device, _device_ctx, _next_pow2, _require_triton, \
     use_triton
+from .pdl import pdl_kwargs, pdl_start
 
 if HAS_TRITON:
     import triton
@@ -337,7 +338,9 @@ if HAS_TRITON:
         SINGLE: tl.constexpr,  # NUM_SPLITS == 1 and not HAS_PREFIX: write out directly
         USE_DOT: tl.constexpr,
         FP32_IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
@@ -414,7 +417,9 @@ if HAS_TRITON:
         HAS_PREFIX: tl.constexpr,  # split NUM_SPLITS holds the prefix partial
         S_POW2: tl.constexpr,  # next_pow2(NUM_SPLITS + HAS_PREFIX)
         CHUNK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1).to(tl.int64)
         ctx = tl.load(ctx_ptr + b)
@@ -524,7 +529,7 @@ def triton_paged_decode_attention(
             so_b, so_h, so_s, sl_b, sl_h,
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
             HAS_PREFIX=has_prefix, SINGLE=single, USE_DOT=use_dot, FP32_IEEE=fp32_ieee,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q),
         )  # fmt: skip
         if not single:
             s_pow2 = _next_pow2(s_tot)
@@ -536,7 +541,7 @@ def triton_paged_decode_attention(
                 out.stride(0), out.stride(1),
                 HEAD_DIM=D, BLOCK_D=block_d, HAS_PREFIX=has_prefix, S_POW2=s_pow2,
                 CHUNK=min(REDUCE_CHUNK, s_pow2),
-                num_warps=REDUCE_NUM_WARPS,
+                num_warps=REDUCE_NUM_WARPS, **pdl_kwargs(q),
             )  # fmt: skip
     return out
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .lora import HAS_TRITON, _device_ctx, _require_triton, use_triton
+from .pdl import pdl_kwargs, pdl_start
 
 if HAS_TRITON:
     import triton
@@ -94,7 +95,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, N, stride_x, stride_r, stride_o, stride_s, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -124,7 +126,8 @@ if HAS_TRITON:
     @triton.jit
     def _rope_kv_kernel(q_ptr, qo_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
                         H, KVH, D, stride_q, stride_k, stride_v, stride_cs,
-                        BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         t = tl.program_id(0).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
@@ -143,7 +146,8 @@ if HAS_TRITON:
         tl.store(vc_ptr + slot * KVH * D + tile, v, mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N
@@ -172,7 +176,7 @@ def _norm(x, residual, weight, eps):
             _rms_norm_kernel[(T,)](x, r, weight, out, total, N, x.stride(0), r.stride(0), out.stride(0),
                                    total.stride(0), float(eps), HAS_RESIDUAL=residual is not None,
                                    BLOCK=triton.next_power_of_2(N), num_warps=NORM_NUM_WARPS,
-                                   enable_fp_fusion=False)
+                                   enable_fp_fusion=False, **pdl_kwargs(x))
     return out, total
 
 
@@ -199,7 +203,7 @@ def triton_rope_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> torch.T
             _rope_kv_kernel[(T,)](q, q_out, k, v, cos, sin, k_cache, v_cache, slot_mapping, H, KVH, D,
                                   q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
                                   BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(KVH),
-                                  BLOCK_D=triton.next_power_of_2(D), num_warps=4, enable_fp_fusion=False)
+                                  BLOCK_D=triton.next_power_of_2(D), num_warps=4, enable_fp_fusion=False, **pdl_kwargs(q))
     return q_out
 
 
@@ -212,7 +216,7 @@ def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         with _device_ctx(gate):
             _silu_mul_kernel[(T, triton.cdiv(N, ELEMENTWISE_BLOCK))](
                 gate, up, out, N, gate.stride(0), up.stride(0), BLOCK=ELEMENTWISE_BLOCK, num_warps=4,
-                enable_fp_fusion=False)
+                enable_fp_fusion=False, **pdl_kwargs(gate))
     return out
 
 

@@ -64,6 +64,8 @@ except Exception:  # pragma: no cover - depends on the environment
     tl = None
     HAS_TRITON = False
 
+from .pdl import pdl_kwargs, pdl_start
+
 __all__ = [
     "HAS_TRITON",
     "use_triton",
@@ -464,7 +466,9 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
         HAS_MAP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         _bgmv_shrink_body(x_ptr, a_ptr, slot_ptr, map_ptr, rank_ptr, h_ptr, tl.program_id(0), tl.program_id(1),
                           tl.program_id(2), H_in, K_PER_SPLIT, stride_xt, stride_as, stride_ar, stride_ht,
                           BLOCK_R, BLOCK_K, SPLIT_K, HAS_MAP)
@@ -514,7 +518,9 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
         HAS_MAP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, tl.program_id(0),
                           tl.program_id(1), H_out, stride_ht, stride_bs, stride_bn, stride_yt, BLOCK_N, BLOCK_R,
                           HAS_MAP)
@@ -688,7 +694,7 @@ def triton_lora_shrink(
             H_in, k_per_split,
             x.stride(0), a_stack.stride(0), a_stack.stride(1), h.stride(0),
             BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, HAS_MAP=slot_map is not None,
-            num_warps=num_warps,
+            num_warps=num_warps, **pdl_kwargs(x),
         )  # fmt: skip
     return h
 
@@ -730,7 +736,7 @@ def triton_lora_expand(
             H_out,
             h.stride(0), b_stack.stride(0), b_stack.stride(1), y.stride(0),
             BLOCK_N=block_n, BLOCK_R=block_r, HAS_MAP=slot_map is not None,
-            num_warps=num_warps,
+            num_warps=num_warps, **pdl_kwargs(y),
         )  # fmt: skip
     return y
 

@@ -25,6 +25,7 @@ from .lora import (BGMV_EXPAND_BLOCK_N, BGMV_EXPAND_BLOCK_R, BGMV_EXPAND_NUM_WAR
                    BGMV_SHRINK_MAX_BLOCK_R, BGMV_SHRINK_MAX_SPLIT_K, BGMV_SHRINK_NUM_WARPS,
                    BGMV_SHRINK_TARGET_PROGRAMS, HAS_TRITON, _cdiv, _device_ctx, _next_pow2, _split_k,
                    lora_expand, lora_shrink, use_triton)
+from .pdl import pdl_kwargs, pdl_start
 
 if HAS_TRITON:
     import triton
@@ -66,7 +67,8 @@ if HAS_TRITON:
     @triton.jit
     def _group_shrink_kernel(x_ptr, slot_ptr, a0, a1, a2, m0, m1, m2, r0, r1, r2, h0, h1, h2, H_in, K_PER_SPLIT,
                              stride_xt, stride_as, stride_ar, stride_ht,
-                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         pid_z = tl.program_id(2)
         g = pid_z // SPLIT_K
         _bgmv_shrink_body(x_ptr, _pick(g, a0, a1, a2), slot_ptr, _pick(g, m0, m1, m2), _pick(g, r0, r1, r2),
@@ -76,7 +78,8 @@ if HAS_TRITON:
     @triton.jit
     def _group_expand_kernel(slot_ptr, y_ptr, h0, h1, h2, b0, b1, b2, m0, m1, m2, r0, r1, r2, s0, s1, s2,
                              n0, n1, n2, c0, c1, c2, nb0, nb1, stride_ht, stride_bs0, stride_bs1, stride_bs2,
-                             stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                             stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         pid_n = tl.program_id(1)
         g = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb0 + nb1).to(tl.int32)
         first = _pick(g, 0, nb0, nb0 + nb1)
@@ -119,12 +122,14 @@ def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[G
         _group_shrink_kernel[(T, n_rb, split_k * G)](
             x, token_slot, *[m.a for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.h for m in ms], H_in, k_per_split, x.stride(0), a.stride(0), a.stride(1), members[0].h.stride(0),
-            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=BGMV_SHRINK_NUM_WARPS)
+            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=BGMV_SHRINK_NUM_WARPS,
+            **pdl_kwargs(x))
         _group_expand_kernel[(T, sum(nbs[:G]))](
             token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
             members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
-            BLOCK_N=BGMV_EXPAND_BLOCK_N, BLOCK_R=BGMV_EXPAND_BLOCK_R, num_warps=BGMV_EXPAND_NUM_WARPS)
+            BLOCK_N=BGMV_EXPAND_BLOCK_N, BLOCK_R=BGMV_EXPAND_BLOCK_R, num_warps=BGMV_EXPAND_NUM_WARPS,
+            **pdl_kwargs(y))
     return y
 
 

@@ -34,26 +34,31 @@ import torch
 
 from .lora import HAS_TRITON, _device_ctx, tl, triton, use_triton
 from .nf4 import NF4_CODE, NF4Weight, _interpreting, _num_sms
+from .pdl import pdl_kwargs, pdl_start, prefetch_enabled, prefetch_l2
 
 __all__ = ["WORD_K", "words_from_nf4", "dequantize_words", "triton_nf4_words_linear", "triton_words_dequantize",
            "reference_words_linear", "nf4_words_linear", "pick_words_config"]
 
 WORD_K = 128  # inputs per word group (8 nibbles x 16 rows)
 
-# Decode configs per M bucket: (max_M, BLOCK_M, BLOCK_N, num_warps, num_stages, split_k), from the
-# H100 sweep `python -m quiver.kernels.bench_nf4 --words-sweep` (docs/results/gpu_nf4_words_sweep.json):
-# num_stages 4 and split-K 4 won at every M and shape (unfused 4096- and 11008-wide outputs, i.e.
-# 64-172 tiles of 64 columns); BLOCK_N 64 was best or within 5%. Fused q|k|v and gate|up outputs
-# have 2-4x more tiles, so split-K is chosen per shape (pick_words_config).
+# Decode configs per M bucket: (max_M, BLOCK_M, BLOCK_N, num_warps, num_stages, max split_k), from the
+# H100 sweeps `python -m quiver.kernels.bench_nf4 --words-sweep` (docs/results/gpu_nf4_words_sweep.json)
+# and the fused-shape ablation (docs/results/gpu_nf4_words_ablation.json): num_stages 4 won at every
+# M and shape; BLOCK_N 64, except 128 for wide outputs (fused q|k|v, gate|up) above M=16, where
+# the activation tile costs as many bytes per step as the weight tile; split-K up to 8 for the
+# narrow, K-long shapes (o, down). split_k is chosen per shape (pick_words_config).
 WORDS_CONFIGS = (
-    (16, 16, 64, 4, 4, 4),
-    (32, 32, 64, 4, 4, 4),
+    (16, 16, 64, 4, 4, 8),
+    (32, 32, 64, 4, 4, 8),
     (64, 64, 64, 4, 4, 4),
     (128, 64, 64, 4, 4, 4),  # two M tiles: ~the byte kernel and bitsandbytes, 2.5x bf16 (not tuned)
 )
+WIDE_N = 8192  # outputs at least this wide take BLOCK_N 128 above M=16
 SPLIT_TARGET_PER_SM = 4
+SPLIT_MAX_ROWS = 256  # split * M: bound on the float32 split-K partials
 WORDS_MAX_M = 128  # above: prefill path (Triton dequantize + cuBLAS)
 DEQUANT_BLOCK_N = 64
+PREFETCH_GROUPS = 4  # word groups per program prefetched into L2 under PDL (4 x 16 rows)
 
 
 def words_from_nf4(w: NF4Weight) -> torch.Tensor:
@@ -175,17 +180,29 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        PDL: tl.constexpr = False,
+        PREFETCH: tl.constexpr = 0,  # word groups prefetched into L2 before waiting (PDL only)
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
+        g_begin = pid_s * groups_per_split
+        g_end = tl.minimum(G, g_begin + groups_per_split)
+        if PDL and PREFETCH > 0 and BLOCK_N >= 32:
+            # the weights depend on no kernel: start streaming them while the kernel before runs
+            n_lines = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32  # one 128-byte line per 32 columns
+            n_lines = tl.minimum(n_lines, N - 1)
+            last = tl.maximum(16 * tl.minimum(g_end - g_begin, PREFETCH) - 1, 0)
+            rows = 16 * g_begin + tl.minimum(tl.arange(0, 16 * PREFETCH), last)
+            prefetch_l2(w_ptr + rows[:, None] * stride_w + n_lines[None, :])
+            arows = 2 * g_begin + tl.minimum(tl.arange(0, 2 * PREFETCH), last // 8)
+            prefetch_l2(absmax_ptr + arows[:, None] * stride_am + n_lines[None, :])
+        pdl_start(PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, 16)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        g_begin = pid_s * groups_per_split
-        g_end = tl.minimum(G, g_begin + groups_per_split)
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         w_tile = w_ptr + offs_r[:, None] * stride_w + offs_n[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -248,17 +265,20 @@ if HAS_TRITON:
 def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides) -> dict:
     """Launch config at batch M (the bucket's defaults; keyword overrides win). The bucket's
     split_k is a maximum: K is split (powers of two) only while the grid has fewer than
-    SPLIT_TARGET_PER_SM programs per SM and the float32 partials stay small (split * M <= 128)."""
+    SPLIT_TARGET_PER_SM programs per SM and the float32 partials stay small
+    (split * M <= SPLIT_MAX_ROWS)."""
     for max_m, bm, bn, nw, ns, sk in WORDS_CONFIGS:
         if M <= max_m:
             break
+    if M > 16 and N >= WIDE_N and bm <= 32:
+        bn, sk = 128, min(sk, 4)  # (split 8 at BLOCK_N 128 measured slower)
     cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if "split_k" not in cfg:
         tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
         target = SPLIT_TARGET_PER_SM * _num_sms(device)
         split = 1
-        while split < sk and tiles * split < target and split * 2 * M <= 128:
+        while split < sk and tiles * split < target and split * 2 * M <= SPLIT_MAX_ROWS:
             split *= 2
         cfg["split_k"] = split
     return cfg
@@ -314,8 +334,15 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
             x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0),
             asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
             HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
+            num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **_pdl_args(x))
     return out.reshape(*lead, N)
+
+
+def _pdl_args(x: torch.Tensor) -> dict:
+    kw = pdl_kwargs(x)
+    if kw and prefetch_enabled():
+        kw["PREFETCH"] = PREFETCH_GROUPS
+    return kw
 
 
 def _check_words(words: torch.Tensor, absmax: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .lora import FLOAT_DTYPES, HAS_TRITON, _check_index, _check_same_device, _device_ctx, _require_triton, use_triton
+from .pdl import pdl_kwargs, pdl_start
 
 if HAS_TRITON:
     import triton
@@ -100,7 +101,9 @@ if HAS_TRITON:
         stride_vs,
         BLOCK_N: tl.constexpr,
         OP: tl.constexpr,  # 0 = multiply, 1 = add
+        PDL: tl.constexpr = False,
     ):
+        pdl_start(PDL)
         t = tl.program_id(0)
         pid_n = tl.program_id(1)
         slot = tl.load(slot_ptr + t)
@@ -127,7 +130,7 @@ def _triton(y, vec_stack, token_slot, op, block_n, num_warps):
     with _device_ctx(y):
         _slot_vec_kernel[(T, n_nb)](
             y, vec_stack, token_slot, N, y.stride(0), vec_stack.stride(0),
-            BLOCK_N=block_n, OP=op, num_warps=num_warps,
+            BLOCK_N=block_n, OP=op, num_warps=num_warps, **pdl_kwargs(y),
         )  # fmt: skip
     return y
 

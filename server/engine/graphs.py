@@ -38,13 +38,20 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.scratch_slot = scratch_slot
         n = max_batch
-        i32 = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), scratch_slot, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(n, max_blocks, **i32)
-        self.context_lens = torch.zeros(n, **i32)
-        self.token_slot = torch.full((n,), -1, **i32)
+        # The step's inputs live in two flat device buffers (int64: ids, positions, KV slots;
+        # int32: block tables, context lengths, adapter slots) with pinned host mirrors: a step
+        # is written into the mirrors and copied with two host->device copies.
+        pin = device.type == "cuda"
+        self.host64 = torch.zeros(3 * n, dtype=torch.long, pin_memory=pin)
+        self.host32 = torch.zeros(n * max_blocks + 2 * n, dtype=torch.int32, pin_memory=pin)
+        self.dev64 = torch.zeros(3 * n, dtype=torch.long, device=device)
+        self.dev32 = torch.zeros(n * max_blocks + 2 * n, dtype=torch.int32, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.dev64.view(3, n)
+        self.block_tables = self.dev32[: n * max_blocks].view(n, max_blocks)
+        self.context_lens, self.token_slot = self.dev32[n * max_blocks:].view(2, n)
+        self.slot_mapping.fill_(scratch_slot)
+        self.token_slot.fill_(-1)
+        self.copied = None  # event: the last host->device copy of the mirrors is done
         self.sample_index = torch.arange(n, device=device)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool_handle = None
@@ -70,29 +77,34 @@ class DecodeGraphs:
         )
 
     def fill(self, scheduled, blocks, prefix_blocks) -> None:
-        """Copies the step into the static buffers (one host->device copy per buffer)."""
-        n = len(scheduled)
-        ids, pos, slots, ctx = [], [], [], []
-        tables = torch.zeros(n, self.max_blocks, dtype=torch.int32)
+        """Writes the step into the pinned host mirrors and copies them to the static buffers
+        (two host->device copies); rows past the batch are padding rows."""
+        n, N, mb = len(scheduled), self.input_ids.shape[0], self.max_blocks
+        if self.copied is not None:
+            self.copied.synchronize()  # the mirrors are free again (normally long done)
+        ids, pos, slots, ctx, slot_ids = [], [], [], [], []
+        tables = self.host32[: N * mb].view(N, mb).numpy()
+        tables[:n] = 0
         for i, item in enumerate(scheduled):
             seq = item.seq
             p = seq.num_computed
-            ids.append(seq.tokens[p])
+            ids.append(seq.token_at(p))
             pos.append(p + seq.prefix_len)
             slots.append(blocks.slot(seq, p))
-            table = prefix_blocks(seq) + seq.block_table
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
             ctx.append(seq.prefix_len + p + 1)
-        self.input_ids[:n].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(pos), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.slot_mapping[n:].fill_(self.scratch_slot)
-        self.block_tables[:n].copy_(tables, non_blocking=True)
-        self.context_lens[:n].copy_(torch.tensor(ctx, dtype=torch.int32), non_blocking=True)
-        self.context_lens[n:].zero_()
-        slot_ids = [-1 if item.seq.slot is None else item.seq.slot for item in scheduled]
-        self.token_slot[:n].copy_(torch.tensor(slot_ids, dtype=torch.int32), non_blocking=True)
-        self.token_slot[n:].fill_(-1)
+            slot_ids.append(-1 if seq.slot is None else seq.slot)
+            table = prefix_blocks(seq) + seq.block_table if seq.prefix_len else seq.block_table
+            tables[i, : len(table)] = table
+        h64 = self.host64.numpy()
+        h64[:n], h64[N: N + n], h64[2 * N: 2 * N + n] = ids, pos, slots
+        h64[2 * N + n:] = self.scratch_slot
+        rest = self.host32[N * mb:].numpy()
+        rest[:n], rest[n:N], rest[N: N + n], rest[N + n:] = ctx, 0, slot_ids, -1
+        self.dev64.copy_(self.host64, non_blocking=True)
+        self.dev32.copy_(self.host32, non_blocking=True)
+        if self.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
     def capture_all(self) -> int:
         """Captures the no-adapter graph of every bucket, largest first (smaller captures reuse

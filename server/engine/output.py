@@ -8,9 +8,20 @@ hit; on a hit the text is cut before the stop string. Special tokens are not ren
 from __future__ import annotations
 
 
+def _decoder(tokenizer):
+    """ids -> text without special tokens. A fast tokenizer that does no clean-up of spaces is
+    decoded by its Rust backend directly: the same text, without transformers' per-call Python
+    checks over every id (they cost more than the decode once outputs grow)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class Detokenizer:
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
+        self._decode = _decoder(tokenizer)
         self.stop = list(stop)
         self.ids: list[int] = []
         self.text = ""  # full decoded text so far (cut at a stop string once hit)
@@ -19,7 +30,7 @@ class Detokenizer:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.text = self._decode(self.ids)
         for s in self.stop:
             at = self.text.find(s, max(0, self.emitted - len(s)))
             if at != -1:

@@ -48,6 +48,11 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_at(self, p: int) -> int:
+        """tokens[p] without building the list."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[p] if p < n else self.output_ids[p - n]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
