@@ -18,6 +18,8 @@ rows built at load time instead.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from quiver.adapters.weights import AdapterWeights
@@ -26,32 +28,42 @@ VECTOR_TABLES = ("in_scale", "out_scale", "out_add")
 FILL = {"in_scale": 1.0, "out_scale": 1.0, "out_add": 0.0}  # a slot (or layer) without the vector
 
 
-def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: torch.dtype):
+def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: torch.dtype, alloc=_empty):
+    """alloc(shape, dtype) -> uninitialized tensor: every element is written here."""
     cached = _cached(w, ("lora", name), dtype, rank)
     if cached is not None:
         return cached
     deltas = {layer: d for (layer, n), d in w.lora.items() if n == name}
     d0 = next(iter(deltas.values()))
     in_f, out_f = d0.a.shape[1], d0.b.shape[0]
-    a = torch.zeros(n_layers, rank, in_f, dtype=dtype)
-    b = torch.zeros(n_layers, out_f, rank, dtype=dtype)
-    ranks = torch.ones(n_layers, dtype=torch.int32)
-    scaling = torch.zeros(n_layers, dtype=torch.float32)
-    has = torch.zeros(n_layers, dtype=torch.bool)
-    for layer, d in deltas.items():
-        a[layer, :d.rank] = d.a
-        b[layer, :, :d.rank] = d.b
-        ranks[layer], scaling[layer], has[layer] = d.rank, d.scale, True
+    a = alloc((n_layers, rank, in_f), dtype)
+    b = alloc((n_layers, out_f, rank), dtype)
+    ranks, scaling, has = alloc((n_layers,), torch.int32), alloc((n_layers,), torch.float32), alloc((n_layers,), torch.bool)
+    ranks.fill_(1), scaling.zero_(), has.zero_()
+    for layer in range(n_layers):
+        d = deltas.get(layer)
+        r = 0 if d is None else d.rank
+        if d is not None:
+            a[layer, :r] = d.a
+            b[layer, :, :r] = d.b
+            ranks[layer], scaling[layer], has[layer] = r, d.scale, True
+        a[layer, r:].zero_()
+        b[layer, :, r:].zero_()
     return a, b, ranks, scaling, has
 
 
 def vector_rows(w: AdapterWeights, kind: str, name: str, n_layers: int, dims: dict[str, tuple[int, int]],
-                dtype: torch.dtype):
+                dtype: torch.dtype, alloc=_empty):
     cached = _cached(w, (kind, name), dtype)
     if cached is not None:
         return cached
-    v = torch.full((n_layers, vector_dim(dims, kind, name)), FILL[kind], dtype=dtype)
-    has = torch.zeros(n_layers, dtype=torch.bool)
+    v = alloc((n_layers, vector_dim(dims, kind, name)), dtype)
+    has = alloc((n_layers,), torch.bool)
+    v.fill_(FILL[kind]), has.zero_()
     for (layer, n), vec in getattr(w, kind).items():
         if n == name:
             v[layer] = vec
@@ -77,35 +89,38 @@ def names(keys) -> list[str]:
 
 
 def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims: dict[str, tuple[int, int]]) -> None:
-    """Builds every bank row of w (and its prefix KV) in one pinned buffer; dims: name -> (out, in)."""
+    """Builds every bank row of w (and its prefix KV) in one pinned buffer; dims: name -> (out, in).
+    The rows are written straight into the buffer: a first pass over meta tensors sizes it."""
     w.staged = {}
+    sizes: dict[torch.dtype, int] = {}
+
+    def count(shape, dt):
+        sizes[dt] = sizes.get(dt, 0) + math.prod(shape)
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    _build(w, dtype, rank, n_layers, dims, count)
+    pin = torch.cuda.is_available()
+    buffers = {dt: [torch.empty(n, dtype=dt, pin_memory=pin), 0] for dt, n in sizes.items()}
+
+    def take(shape, dt):
+        buf = buffers[dt]
+        n = math.prod(shape)
+        view = buf[0][buf[1]:buf[1] + n].view(shape)
+        buf[1] += n
+        return view
+
+    w.staged = _build(w, dtype, rank, n_layers, dims, take)
+
+
+def _build(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims: dict, alloc) -> dict:
     parts: dict = {}
     for name in names(w.lora):
-        parts[("lora", name)] = lora_rows(w, name, n_layers, rank, dtype)
+        parts[("lora", name)] = lora_rows(w, name, n_layers, rank, dtype, alloc)
     for kind in VECTOR_TABLES:
         for name in names(getattr(w, kind)):
-            parts[(kind, name)] = vector_rows(w, kind, name, n_layers, dims, dtype)
+            parts[(kind, name)] = vector_rows(w, kind, name, n_layers, dims, dtype, alloc)
     if w.prefix_kv is not None:
-        parts[("prefix",)] = (w.prefix_kv.to(dtype),)
-    w.staged = _pin_all(parts)
-
-
-def _pin_all(parts: dict) -> dict:
-    """The same tuples of tensors, as views of one page-locked buffer per dtype (when CUDA exists)."""
-    pin = torch.cuda.is_available()
-    flat = [t for tensors in parts.values() for t in tensors]
-    buffers = {}
-    for dt in {t.dtype for t in flat}:
-        size = sum(t.numel() for t in flat if t.dtype == dt)
-        buffers[dt] = [torch.empty(size, dtype=dt, pin_memory=pin), 0]
-    out = {}
-    for key, tensors in parts.items():
-        views = []
-        for t in tensors:
-            buf = buffers[t.dtype]
-            view = buf[0][buf[1]:buf[1] + t.numel()].view(t.shape)
-            buf[1] += t.numel()
-            view.copy_(t)
-            views.append(view)
-        out[key] = tuple(views)
-    return out
+        kv = alloc(tuple(w.prefix_kv.shape), dtype)
+        kv.copy_(w.prefix_kv)
+        parts[("prefix",)] = (kv,)
+    return parts

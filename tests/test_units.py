@@ -223,6 +223,16 @@ def test_staged_adapter_loads_the_same_slot_rows():
     staged.lora, staged.out_scale = plain.lora, plain.out_scale  # same values
     staging.stage(staged, torch.bfloat16, 4, 2, shapes)
     assert staged.staged[("lora", "q_proj")][0].shape == (2, 4, 16)  # [L, R, in]
+    # rows are written straight into uninitialized pinned memory: every element must be set
+    d = plain.lora[(0, "down_proj")]
+    a_rows, b_rows, ranks, scaling, has = staged.staged[("lora", "down_proj")]
+    want_a, want_b = torch.zeros(2, 4, 40, dtype=torch.bfloat16), torch.zeros(2, 16, 4, dtype=torch.bfloat16)
+    want_a[0, :2], want_b[0, :, :2] = d.a, d.b
+    assert torch.equal(a_rows, want_a) and torch.equal(b_rows, want_b)
+    assert ranks.tolist() == [2, 1] and scaling.tolist() == [2.0, 0.0] and has.tolist() == [True, False]
+    vec, vec_has = staged.staged[("out_scale", "down_proj")]
+    assert torch.equal(vec[0], plain.out_scale[(0, "down_proj")].bfloat16()) and torch.equal(vec[1], torch.ones(16, dtype=torch.bfloat16))
+    assert vec_has.tolist() == [True, False]
     for R in (6, 4):  # 6: the rows were staged for rank 4, so the pool builds its own
         pools = [SlotPool(base, 2, R, torch.bfloat16, torch.device("cpu")) for _ in range(2)]
         assert pools[0].load(plain) == 0 and pools[1].load(staged) == 0
