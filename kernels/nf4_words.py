@@ -6,8 +6,13 @@ pipeliner cannot run ahead, and every weight pays a memory round trip plus an fp
 multiply and a rounding. Here (CUDA, 16-bit activations):
 
   * weights are int32 words; word (g, r, n) holds in nibble s (bits 4s..4s+3) the code of
-    W[n, 128g + 16s + r] (r < 16, s < 8): one [16, BLOCK_N] word tile gives eight [16, BLOCK_N]
-    operands, operand s covering inputs 128g + 16s .. +16, all inside one 64-block of absmax;
+    W[n, 128g + 16s + r] (r < 16, s < 8): one [BLOCK_N, 16] word tile gives eight [BLOCK_N, 16]
+    weight operands, operand s covering inputs 128g + 16s .. +16, all inside one 64-block of
+    absmax;
+  * the product is computed transposed, y^T[n, m] = sum_k W[n, k] x[m, k]: the dequantized
+    weights are the A operand of the dot and stay in registers (on Hopper Triton emits wgmma
+    with A from registers and x^T read from shared memory), the words go global -> shared ->
+    registers in the operand's layout (no weight code is written back to shared memory);
   * the table lookup is eight PTX `prmt` byte permutes per four weights (no memory access);
     it yields the bare NF4 code in the activation dtype;
   * the absmax scale is applied after the dot, once per 64 inputs per output:
@@ -42,18 +47,19 @@ __all__ = ["WORD_K", "words_from_nf4", "dequantize_words", "triton_nf4_words_lin
 WORD_K = 128  # inputs per word group (8 nibbles x 16 rows)
 
 # Decode configs per M bucket: (max_M, BLOCK_M, BLOCK_N, num_warps, num_stages, max split_k), from the
-# H100 sweeps `python -m quiver.kernels.bench_nf4 --words-sweep` (docs/results/gpu_nf4_words_sweep.json)
-# and the fused-shape ablation (docs/results/gpu_nf4_words_ablation.json): num_stages 4 won at every
-# M and shape; BLOCK_N 64, except 128 for wide outputs (fused q|k|v, gate|up) above M=16, where
-# the activation tile costs as many bytes per step as the weight tile; split-K up to 8 for the
-# narrow, K-long shapes (o, down). split_k is chosen per shape (pick_words_config).
+# H100 ablations of the fused decode shapes (docs/results/gpu_nf4_words_wgmma.json): with the
+# weights as the wgmma A operand, BLOCK_N 128 and 3 stages were best or within noise at M <= 16 for
+# every shape, and above M = 16 for wide outputs (fused q|k|v, gate|up: the activation tile
+# costs as many bytes per step as the weight tile); narrow outputs (o, down) above M = 32 take
+# BLOCK_N 64 with 8 warps. split_k is chosen per shape (pick_words_config).
 WORDS_CONFIGS = (
-    (16, 16, 64, 4, 4, 8),
-    (32, 32, 64, 4, 4, 8),
-    (64, 64, 64, 4, 4, 4),
-    (128, 64, 64, 4, 4, 4),  # two M tiles: ~the byte kernel and bitsandbytes, 2.5x bf16 (not tuned)
+    (16, 16, 128, 4, 3, 8),
+    (32, 32, 128, 4, 3, 4),
+    (64, 64, 128, 4, 3, 4),
+    (128, 64, 128, 4, 3, 4),  # two M tiles (not tuned)
 )
-WIDE_N = 8192  # outputs at least this wide take BLOCK_N 128 above M=16
+WIDE_N = 8192  # narrower outputs above M = 16 take NARROW_CONFIG
+NARROW_CONFIG = {32: dict(block_n=64, split=8), 128: dict(block_n=64, num_warps=8, split=4)}
 SPLIT_TARGET_PER_SM = 4
 SPLIT_MAX_ROWS = 256  # split * M: bound on the float32 split-K partials
 WORDS_MAX_M = 128  # above: prefill path (Triton dequantize + cuBLAS)
@@ -151,8 +157,9 @@ if HAS_TRITON:
         return c0, c1, c2, c3, c4, c5, c6, c7
 
     @triton.jit
-    def _x_slice(x_rows, kbase, s: tl.constexpr, offs_r, m_mask, stride_xk, ty: tl.constexpr):
-        return tl.load(x_rows + (kbase + 16 * s + offs_r)[None, :] * stride_xk, mask=m_mask[:, None],
+    def _xt_slice(x_cols, kbase, s: tl.constexpr, offs_r, m_mask, stride_xk, ty: tl.constexpr):
+        """x^T [16, BLOCK_M]: inputs kbase + 16s .. +16 of the batch rows (the dot's B operand)."""
+        return tl.load(x_cols + (kbase + 16 * s + offs_r)[:, None] * stride_xk, mask=m_mask[None, :],
                        other=0.0).to(ty)
 
     @triton.jit
@@ -203,27 +210,30 @@ if HAS_TRITON:
         offs_r = tl.arange(0, 16)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        w_tile = w_ptr + offs_r[:, None] * stride_w + offs_n[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # transposed product acc[n, m] = sum_k W[n, k] x[m, k]: the dequantized weights are the
+        # dot's A operand, used from registers (Hopper wgmma takes A from registers, B = x^T
+        # from shared memory), so no weight code goes through shared memory
+        x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
+        w_tile = w_ptr + offs_r[None, :] * stride_w + offs_n[:, None]  # [BLOCK_N, 16] words
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for g in range(g_begin, g_end):
-            w = tl.load(w_tile + g * 16 * stride_w, mask=n_mask[None, :], other=0)
+            w = tl.load(w_tile + g * 16 * stride_w, mask=n_mask[:, None], other=0)
             am0 = tl.load(absmax_ptr + (2 * g) * stride_am + offs_n, mask=n_mask, other=0.0)
             am1 = tl.load(absmax_ptr + (2 * g + 1) * stride_am + offs_n, mask=n_mask, other=0.0)
             c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(w, code_ptr, asm, DOT_TY, USE_ASM)
             kb = g * 128
-            p = tl.dot(_x_slice(x_rows, kb, 0, offs_r, m_mask, stride_xk, DOT_TY), c0)
-            p = tl.dot(_x_slice(x_rows, kb, 1, offs_r, m_mask, stride_xk, DOT_TY), c1, p)
-            p = tl.dot(_x_slice(x_rows, kb, 2, offs_r, m_mask, stride_xk, DOT_TY), c2, p)
-            p = tl.dot(_x_slice(x_rows, kb, 3, offs_r, m_mask, stride_xk, DOT_TY), c3, p)
-            acc += p * am0[None, :]
-            p = tl.dot(_x_slice(x_rows, kb, 4, offs_r, m_mask, stride_xk, DOT_TY), c4)
-            p = tl.dot(_x_slice(x_rows, kb, 5, offs_r, m_mask, stride_xk, DOT_TY), c5, p)
-            p = tl.dot(_x_slice(x_rows, kb, 6, offs_r, m_mask, stride_xk, DOT_TY), c6, p)
-            p = tl.dot(_x_slice(x_rows, kb, 7, offs_r, m_mask, stride_xk, DOT_TY), c7, p)
-            acc += p * am1[None, :]
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        o_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            p = tl.dot(c0, _xt_slice(x_cols, kb, 0, offs_r, m_mask, stride_xk, DOT_TY))
+            p = tl.dot(c1, _xt_slice(x_cols, kb, 1, offs_r, m_mask, stride_xk, DOT_TY), p)
+            p = tl.dot(c2, _xt_slice(x_cols, kb, 2, offs_r, m_mask, stride_xk, DOT_TY), p)
+            p = tl.dot(c3, _xt_slice(x_cols, kb, 3, offs_r, m_mask, stride_xk, DOT_TY), p)
+            acc += p * am0[:, None]
+            p = tl.dot(c4, _xt_slice(x_cols, kb, 4, offs_r, m_mask, stride_xk, DOT_TY))
+            p = tl.dot(c5, _xt_slice(x_cols, kb, 5, offs_r, m_mask, stride_xk, DOT_TY), p)
+            p = tl.dot(c6, _xt_slice(x_cols, kb, 6, offs_r, m_mask, stride_xk, DOT_TY), p)
+            p = tl.dot(c7, _xt_slice(x_cols, kb, 7, offs_r, m_mask, stride_xk, DOT_TY), p)
+            acc += p * am1[:, None]
+        out_mask = n_mask[:, None] & m_mask[None, :]
+        o_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
         if SPLIT_K > 1:
             # partial -> workspace; the last split of this tile to finish sums the partials in
             # split order (deterministic) and writes the output: one launch (as kernels/nf4.py)
@@ -232,16 +242,16 @@ if HAS_TRITON:
             tile = pid_m * tl.num_programs(0) + pid_n
             done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if done == SPLIT_K - 1:
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 for si in tl.static_range(SPLIT_K):
                     acc += tl.load(ws_ptr + si * M * N + o_off, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
-                    acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                    acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
                 tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(lock_ptr + tile, 0)  # re-arm for the next launch
         else:
             if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
@@ -270,8 +280,9 @@ def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides)
     for max_m, bm, bn, nw, ns, sk in WORDS_CONFIGS:
         if M <= max_m:
             break
-    if M > 16 and N >= WIDE_N and bm <= 32:
-        bn, sk = 128, min(sk, 4)  # (split 8 at BLOCK_N 128 measured slower)
+    if M > 16 and N < WIDE_N:
+        narrow = NARROW_CONFIG[32 if M <= 32 else 128]
+        bn, nw, sk = narrow["block_n"], narrow.get("num_warps", nw), narrow["split"]
     cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if "split_k" not in cfg:
