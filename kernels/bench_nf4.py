@@ -80,15 +80,21 @@ def time_graph(fn, reps: int = 20, warmup: int = 2) -> float:
         fn()
     g.replay()
     torch.cuda.synchronize()
+    ms = replay_ms(g, reps)
+    del g
+    return ms
+
+
+def replay_ms(graph, reps: int) -> float:
+    """Median ms of `reps` replays of a captured CUDA graph, each between CUDA events."""
     ts = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        g.replay()
+        graph.replay()
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b))
-    del g
     return statistics.median(ts)
 
 

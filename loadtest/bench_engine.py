@@ -181,16 +181,9 @@ def graph_replay_ms(engine, batch: int, use_adapters: bool, reps: int = 10) -> f
     keys = [k for k in graphs.graphs if k[0] == bucket and k[1] == use_adapters]
     if not keys:
         return None
-    graph = graphs.graphs[max(keys, key=lambda k: k[2])][0]
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    from quiver.kernels.bench_nf4 import replay_ms
+
+    return replay_ms(graphs.graphs[max(keys, key=lambda k: k[2])][0], reps)
 
 
 def profile_step(engine, device: torch.device, rows: int = 14) -> str:
@@ -317,6 +310,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peft-baseline", action="store_true")
+    ap.add_argument("--peft-batch", default="", help="comma list: batch sizes of the HF+PEFT baseline (default: all)")
     ap.add_argument("--cold-load", action="store_true", help="also time one adapter's disk -> slot load")
     ap.add_argument("--profile", default="", help="comma list of batch sizes whose decode step is profiled "
                                                   "(kernel time table, torch.profiler)")
@@ -356,7 +350,7 @@ def main(argv=None) -> int:
                 r["limit_ms"] = limit_ms
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-            if args.peft_baseline:
+            if args.peft_baseline and (not args.peft_batch or str(batch) in args.peft_batch.split(",")):
                 for n in [a for a in adapter_counts if a <= 32]:
                     r = peft_baseline(loaded.hf_model, batch, n, ranks[0], targets, args.prompt_len, args.steps)
                     r.update(quantize=quantize, vs_no_adapters=None, limit_ms=limit_ms)
