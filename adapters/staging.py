@@ -38,6 +38,8 @@ def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: tor
     if cached is not None:
         return cached
     deltas = {layer: d for (layer, n), d in w.lora.items() if n == name}
+    if max(deltas) >= n_layers:
+        raise ValueError(f"{w.info.adapter_id}: {name} LoRA in layer {max(deltas)}; the base has {n_layers} layers")
     d0 = next(iter(deltas.values()))
     in_f, out_f = d0.a.shape[1], d0.b.shape[0]
     a = alloc((n_layers, rank, in_f), dtype)

@@ -104,7 +104,7 @@ class DecodeGraphs:
         self.dev32.copy_(self.host32, non_blocking=True)
         if self.device.type == "cuda":
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(self.device))
 
     def capture_all(self) -> int:
         """Captures the no-adapter graph of every bucket, largest first (smaller captures reuse

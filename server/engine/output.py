@@ -9,11 +9,15 @@ from __future__ import annotations
 
 
 def _decoder(tokenizer):
-    """ids -> text without special tokens. A fast tokenizer that does no clean-up of spaces is
-    decoded by its Rust backend directly: the same text, without transformers' per-call Python
-    checks over every id (they cost more than the decode once outputs grow)."""
+    """ids -> text without special tokens. A fast tokenizer that does no clean-up of spaces and
+    does not override decoding (Llama-family tokenizers; not Whisper, Marian, ...) is decoded by
+    its Rust backend directly: the same text, without transformers' per-call Python checks over
+    every id (they cost more than the decode once outputs grow)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+    cls = type(tokenizer)
+    owner = next((c for c in cls.__mro__ if "backend_tokenizer" in vars(c)), None)
+    plain = owner is not None and all(getattr(cls, f, None) is getattr(owner, f, None) for f in ("decode", "_decode"))
+    if backend is not None and plain and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
         return lambda ids: backend.decode(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
