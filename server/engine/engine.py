@@ -50,7 +50,7 @@ class RequestHandle:
     def __init__(self, engine: "Engine", seq: Sequence):
         self.engine = engine
         self.seq = seq
-        self.events: queue.Queue[Event] = queue.Queue()
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()  # C put: no lock + condition per token
 
     def __iter__(self):
         while True:

@@ -65,6 +65,10 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             if n == 0:
                 continue
+            if n == 1 and self.blocks.blocks_needed(seq, seq.num_computed + 1) == 0:
+                out.append(Scheduled(seq, 1))  # a decode inside its last block: nothing to allocate
+                budget -= 1
+                continue
             while not self.blocks.can_allocate(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self.preempt(victim)
