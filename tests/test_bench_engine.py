@@ -25,3 +25,10 @@ def test_cold_load_reports_both_stages(fp32_model):
 def test_profile_step_lists_the_ops(fp32_model):
     r = bench_engine.time_decode(fp32_model, 2, 0, [8], ["q_proj"], 8, 1, {}, profile=True)
     assert "aten::linear" in r["profile"] or "aten::addmm" in r["profile"] or "aten::mm" in r["profile"]
+
+
+def test_host_benchmark_runs_real_engine_steps():
+    from quiver.loadtest import bench_host
+
+    r = bench_host.host_step(batch=4, n_adapters=2, steps=5, tokenizer="real")
+    assert r["host_ms_per_step"] > 0 and r["tokens"] == 4 * 5  # every sequence decoded every step

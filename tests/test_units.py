@@ -174,6 +174,35 @@ def test_no_stop_string_streams_everything():
     assert "".join(push_all(d, "hello")) == "hello" and not d.stopped
 
 
+def test_incremental_detokenizer_matches_full_decode(fp32_model):
+    """Window decoding (each push decodes a few tokens) gives exactly the text of decoding the
+    whole output, with tokens that are partial UTF-8 characters mixed in, and cuts at a stop
+    string exactly where the full text has it."""
+    tok = fp32_model.tokenizer
+    vocab = len(tok)
+    partial = [i for i in range(0, vocab, 7) if tok.decode([i]) == "\ufffd"][:100]
+    assert partial, "the embedded tokenizer has byte tokens"
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        ids = [int(i) for i in torch.randint(0, vocab, (n,), generator=g)]
+        for j in range(0, n, 3):  # every third token a partial character
+            ids[j] = partial[int(torch.randint(0, len(partial), (1,), generator=g))]
+        full = tok.decode(ids, skip_special_tokens=True)
+        d = Detokenizer(tok, [])
+        assert "".join(d.push(i) for i in ids) + d.flush() == full, (trial, ids)
+        if len(full) > 12:
+            stop = full[len(full) // 2: len(full) // 2 + 3]
+            d = Detokenizer(tok, [stop])
+            chunks = []
+            for i in ids:
+                chunks.append(d.push(i))
+                if d.stopped:
+                    break
+            chunks.append(d.flush())
+            assert d.stopped and "".join(chunks) == full[:full.find(stop)], (trial, stop)
+
+
 def test_engine_survives_a_failing_step(fp32_model):
     """A failure outside the forward pass fails the requests in flight, and the engine goes on."""
     from quiver.server.engine.engine import Engine
