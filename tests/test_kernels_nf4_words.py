@@ -142,3 +142,26 @@ def test_gpu_graph_capture():
     graph.replay()
     torch.testing.assert_close(y, W.triton_nf4_words_linear(x, words, w.absmax, split_k=4), rtol=0, atol=0)
     assert not torch.equal(y, y0)
+
+
+def test_pick_words_config_buckets_and_split():
+    """The measured defaults: BLOCK_N 128 for decode up to M=16 and for wide outputs; narrow
+    outputs above M=16 take BLOCK_N 64 (8 warps above M=32); split-K fills ~4 programs per SM
+    within the bucket's maximum and keeps split * M <= SPLIT_MAX_ROWS."""
+    cpu = torch.device("cpu")  # W._num_sms falls back to a fixed count off CUDA
+    sms = W._num_sms(cpu)
+    for M, N, K in [(1, 4096, 4096), (16, 12288, 4096), (32, 22016, 4096), (32, 4096, 11008), (64, 4096, 4096),
+                    (64, 22016, 4096), (128, 4096, 11008)]:
+        cfg = W.pick_words_config(M, N, K, cpu)
+        narrow = M > 16 and N < W.WIDE_N
+        assert cfg["block_n"] == (64 if narrow else 128), (M, N, cfg)
+        assert cfg["num_warps"] == (8 if narrow and M > 32 else 4), (M, N, cfg)
+        assert cfg["num_stages"] == 3
+        s = cfg["split_k"]
+        assert s >= 1 and s & (s - 1) == 0 and s * M <= W.SPLIT_MAX_ROWS, (M, N, cfg)
+        tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
+        if s > 1:  # split only while the grid is short of the target
+            assert tiles * (s // 2) < W.SPLIT_TARGET_PER_SM * sms, (M, N, cfg)
+    assert W.pick_words_config(1, 4096, 4096, cpu)["split_k"] == 8  # 32 tiles: the bucket's maximum
+    assert W.pick_words_config(8, 4096, 4096, cpu, split_k=2, block_n=32) == dict(
+        block_m=16, block_n=32, num_warps=4, num_stages=3, split_k=2)  # overrides win
