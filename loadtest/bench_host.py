@@ -1,13 +1,15 @@
 """Host-work benchmark: what one decode step costs the engine thread besides the model.
 
     python -m quiver.loadtest.bench_host [--batch 32] [--adapters 32] [--steps 200] [--tokenizer real|null]
+                                         [--temperature 0.8 --top-p 0.9]   (default: greedy)
 
 On a GPU the decode step's model runs as one CUDA-graph replay; everything else on the engine
 thread (scheduling, the adapter batch, writing the graph's inputs, sampling, handing tokens to
 the requests, detokenizing) runs while the GPU waits. This benchmark measures that part on any
 machine: the embedded model prefills `--batch` sequences for real, then the model call of each
 decode step is replaced by what the CUDA-graph path does on the host (DecodeGraphs.fill into
-its pinned mirrors) plus fixed logits, and `--steps` engine steps are timed.
+its pinned mirrors) plus fixed random logits over the model's vocabulary, and `--steps` engine
+steps are timed.
 `--tokenizer null` leaves detokenization out, as the engine benchmark (bench_engine) does.
 """
 
@@ -29,7 +31,8 @@ from quiver.server.engine.graphs import DecodeGraphs
 from quiver.server.loader import load_model
 
 
-def host_step(batch: int, n_adapters: int, steps: int, tokenizer: str, prompt_len: int = 32) -> dict:
+def host_step(batch: int, n_adapters: int, steps: int, tokenizer: str, prompt_len: int = 32,
+              temperature: float = 0.0, top_p: float = 1.0) -> dict:
     """{host_ms_per_step, tokens}: tokens handed out during the timed steps (batch * steps)."""
     loaded = load_model(ModelConfig(model=None, quantize="none"))
     manager = None
@@ -49,14 +52,15 @@ def host_step(batch: int, n_adapters: int, steps: int, tokenizer: str, prompt_le
     for i in range(batch):
         ref = manager.resolve(f"bench-{i % n_adapters}") if n_adapters else None
         engine.submit(torch.randint(3, 1000, (prompt_len,), generator=g).tolist(),
-                      SamplingParams(max_new_tokens=steps + 8, ignore_eos=True), adapter=ref)
+                      SamplingParams(max_new_tokens=steps + 8, ignore_eos=True, temperature=temperature,
+                                     top_p=top_p, seed=i), adapter=ref)
     inbox, engine._inbox = engine._inbox, []
     engine._take(inbox)
     while engine.scheduler.waiting or any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running):
         engine.step()  # the real prefill
     graphs = DecodeGraphs(engine.runner.model, engine.kv, batch, cfg.max_blocks_per_seq + 8, 0, torch.device("cpu"))
     prefix_blocks = manager.prefix_block_list if manager is not None else (lambda seq: [])
-    logits = torch.randn(batch, 128)
+    logits = torch.randn(batch, loaded.model.embed.shape[0])
 
     def host_only(scheduled, adapters=None, prefix=None):
         graphs.fill(scheduled, engine.runner.blocks, prefix_blocks)
@@ -79,9 +83,13 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--tokenizer", choices=("real", "null"), default="real")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args(argv)
-    r = host_step(args.batch, args.adapters, args.steps, args.tokenizer)
-    print(json.dumps({"batch": args.batch, "adapters": args.adapters, "tokenizer": args.tokenizer, **r,
+    r = host_step(args.batch, args.adapters, args.steps, args.tokenizer, temperature=args.temperature,
+                  top_p=args.top_p)
+    print(json.dumps({"batch": args.batch, "adapters": args.adapters, "tokenizer": args.tokenizer,
+                      "temperature": args.temperature, "top_p": args.top_p, **r,
                       "host_us_per_sequence": r["host_ms_per_step"] * 1e3 / args.batch}))
     return 0
 

@@ -137,6 +137,34 @@ def test_seeded_sampling_is_reproducible_and_follows_distribution():
     assert 0.6 < freq0 < 0.8, freq0
 
 
+def test_batched_filter_matches_the_one_row_spec():
+    """filtered_probs (all rows at once, sorted) is softmax(filter_logits(row)) for every row,
+    whatever temperature / top_k / top_p each row has."""
+    from quiver.server.engine.sampler import filtered_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5),
+              SamplingParams(temperature=1.3, top_p=0.8), SamplingParams(temperature=0.5, top_k=10, top_p=0.5),
+              SamplingParams(temperature=2.0, top_k=50), SamplingParams(temperature=1.0, top_p=0.01)]
+    probs, order = filtered_probs(logits, params)
+    for i, p in enumerate(params):
+        want = torch.softmax(filter_logits(logits[i], p), dim=-1)
+        got = torch.zeros(50).scatter(0, order[i], probs[i])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (probs[5] > 0).sum() == 1  # top_p 0.01 keeps only the top token
+
+
+def test_sampled_token_does_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 40, generator=g)
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=7), SamplingParams(), SamplingParams(temperature=0.8),
+              SamplingParams(temperature=1.2, top_k=4), SamplingParams(temperature=1.0)]
+    together = sample(logits, params, [make_generator(10 + i) for i in range(5)])
+    alone = [sample(logits[i:i + 1], [params[i]], [make_generator(10 + i)])[0] for i in range(5)]
+    assert together == alone and together[1] == int(logits[1].argmax())
+
+
 def test_sampling_params_validation():
     for bad in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0.0}, {"top_k": -1}, {"stop": [""]}):
         with pytest.raises(ValueError):

@@ -1,9 +1,13 @@
 """Turns the step's logits into one next token per sampling sequence.
 
 Greedy (temperature 0 or top_k 1) is argmax. Otherwise: logits / temperature, keep the top_k
-largest, keep the smallest set whose probability reaches top_p, then draw with the
-sequence's own torch.Generator, seeded from `seed` when given, so a seeded request gives
-the same tokens whatever else shares its batch.
+largest, keep the smallest set whose probability reaches top_p, then draw. `filter_logits` is
+the one-row specification; `filtered_probs` does the same for all sampling rows at once on the
+logits' device (one sort per step, not one sort and one device->host copy per row).
+
+The draw is by inverse CDF: u ~ U[0, 1) comes from the sequence's own torch.Generator (seeded
+from `seed` when given) and picks the first token whose cumulative probability exceeds u, so a
+seeded request gives the same tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -36,15 +40,33 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] -> (probs [N, V] float32 in descending-logit order, order [N, V]): row i is
+    softmax(filter_logits(logits[i], params[i])) sorted; all rows in one pass."""
+    dev = logits.device
+    N, V = logits.shape
+    knobs = torch.tensor([[p.temperature, p.top_k if 0 < p.top_k < V else V, p.top_p if p.top_p < 1.0 else 2.0]
+                          for p in params], dtype=torch.float32).to(dev)  # 2.0: top_p off
+    x = logits.float() / knobs[:, 0:1]
+    x, order = torch.sort(x, dim=-1, descending=True)
+    kth = x.gather(1, knobs[:, 1:2].long() - 1)  # the k-th largest; ties with it stay, as in filter_logits
+    x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    drop = (probs.cumsum(-1) - probs) >= knobs[:, 2:3]  # the mass before a token already reaches top_p
+    probs = torch.softmax(x.masked_fill(drop, float("-inf")), dim=-1)
+    return probs, order
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """logits [N, V] float32; one params and generator per row -> N token ids."""
-    greedy_ids = logits.argmax(dim=-1).tolist()
-    out = []
-    for row, (p, g) in enumerate(zip(params, generators)):
-        if p.greedy:
-            out.append(greedy_ids[row])
-            continue
-        filtered = filter_logits(logits[row].float().cpu(), p)
-        probs = torch.softmax(filtered, dim=-1)
-        out.append(int(torch.multinomial(probs, 1, generator=g)))
-    return out
+    """logits [N, V]; one params and generator per row -> N token ids (one host sync)."""
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        u = torch.tensor([float(torch.rand(1, generator=generators[i])) for i in rows]).to(logits.device)
+        idx = torch.tensor(rows, device=logits.device)
+        probs, order = filtered_probs(logits[idx], [params[i] for i in rows])
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[1] - 1)
+        tokens = tokens.clone()
+        tokens[idx] = order.gather(1, pick)[:, 0]
+    return tokens.tolist()
