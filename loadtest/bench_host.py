@@ -3,6 +3,7 @@
     python -m quiver.loadtest.bench_host [--batch 32] [--adapters 32] [--steps 200] [--tokenizer real|null]
                                          [--temperature 0.8 --top-p 0.9]   (default: greedy)
                                          [--vocab N]   (logits width; 0 = the model's vocabulary)
+                                         [--logit-std 4]   (spread of the random logits)
 
 On a GPU the decode step's model runs as one CUDA-graph replay; everything else on the engine
 thread (scheduling, the adapter batch, writing the graph's inputs, sampling, handing tokens to
@@ -12,7 +13,9 @@ decode step is replaced by what the CUDA-graph path does on the host (DecodeGrap
 its pinned mirrors) plus fixed random logits, and `--steps` engine steps are timed. The logits
 are `--vocab` wide (default 128): on a GPU the argmax and the sampling filters run on the
 device, so narrow logits keep their cost out of a host measurement; `--vocab 0` (the model's
-vocabulary, on this machine's CPU) measures the sampling math too.
+vocabulary, on this machine's CPU) measures the sampling math too. The logits are Gaussian with
+standard deviation `--logit-std` (default 4: like a language model's, most of the probability
+sits on a few percent of the vocabulary).
 `--tokenizer null` leaves detokenization out, as the engine benchmark (bench_engine) does.
 """
 
@@ -35,7 +38,7 @@ from quiver.server.loader import load_model
 
 
 def host_step(batch: int, n_adapters: int, steps: int, tokenizer: str, prompt_len: int = 32,
-              temperature: float = 0.0, top_p: float = 1.0, vocab: int = 128) -> dict:
+              temperature: float = 0.0, top_p: float = 1.0, vocab: int = 128, logit_std: float = 4.0) -> dict:
     """{host_ms_per_step, tokens}: tokens handed out during the timed steps (batch * steps)."""
     loaded = load_model(ModelConfig(model=None, quantize="none"))
     manager = None
@@ -63,7 +66,7 @@ def host_step(batch: int, n_adapters: int, steps: int, tokenizer: str, prompt_le
         engine.step()  # the real prefill
     graphs = DecodeGraphs(engine.runner.model, engine.kv, batch, cfg.max_blocks_per_seq + 8, 0, torch.device("cpu"))
     prefix_blocks = manager.prefix_block_list if manager is not None else (lambda seq: [])
-    logits = torch.randn(batch, vocab or loaded.model.embed.shape[0])
+    logits = torch.randn(batch, vocab or loaded.model.embed.shape[0]) * logit_std
 
     def host_only(scheduled, adapters=None, prefix=None):
         graphs.fill(scheduled, engine.runner.blocks, prefix_blocks)
@@ -89,11 +92,12 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--vocab", type=int, default=128, help="logits width; 0 = the model's vocabulary")
+    ap.add_argument("--logit-std", type=float, default=4.0)
     args = ap.parse_args(argv)
     r = host_step(args.batch, args.adapters, args.steps, args.tokenizer, temperature=args.temperature,
-                  top_p=args.top_p, vocab=args.vocab)
+                  top_p=args.top_p, vocab=args.vocab, logit_std=args.logit_std)
     print(json.dumps({"batch": args.batch, "adapters": args.adapters, "tokenizer": args.tokenizer,
-                      "temperature": args.temperature, "top_p": args.top_p, "vocab": args.vocab, **r,
+                      "temperature": args.temperature, "top_p": args.top_p, "vocab": args.vocab, "logit_std": args.logit_std, **r,
                       "host_us_per_sequence": r["host_ms_per_step"] * 1e3 / args.batch}))
     return 0
 

@@ -155,6 +155,30 @@ def test_batched_filter_matches_the_one_row_spec():
     assert (probs[5] > 0).sum() == 1  # top_p 0.01 keeps only the top token
 
 
+def test_candidate_filter_is_exact_or_falls_back(monkeypatch):
+    """On the CPU, rows whose kept tokens provably lie among the top CANDIDATES skip the full
+    sort (a shorter result); otherwise the full sort runs. Both match the one-row spec."""
+    from quiver.server.engine import sampler
+
+    monkeypatch.setattr(sampler, "CANDIDATES", 32)
+    g = torch.Generator().manual_seed(2)
+    peaked = torch.randn(3, 400, generator=g) * 6  # the top 32 hold most of the mass
+    flat = torch.randn(2, 400, generator=g) * 0.1
+    cases = [
+        (peaked, [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=0.7, top_k=20),
+                  SamplingParams(temperature=1.2, top_k=10, top_p=0.5)], 32),
+        (flat, [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=5)], 400),
+        (peaked[:2], [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=100)], 400),
+    ]
+    for logits, params, width in cases:
+        probs, order = sampler.filtered_probs(logits, params)
+        assert probs.shape[1] == width, (width, probs.shape)
+        for i, p in enumerate(params):
+            want = torch.softmax(filter_logits(logits[i], p), dim=-1)
+            got = torch.zeros(400).scatter(0, order[i], probs[i])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_sampled_token_does_not_depend_on_the_batch():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(5, 40, generator=g)

@@ -40,14 +40,22 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+CANDIDATES = 1024  # on the CPU, rows whose kept tokens provably lie among the top CANDIDATES skip the full sort
+
+
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [N, V] -> (probs [N, V] float32 in descending-logit order, order [N, V]): row i is
-    softmax(filter_logits(logits[i], params[i])) sorted; all rows in one pass."""
+    """logits [N, V] -> (probs [N, C] float32 in descending-logit order, order [N, C]): row i is
+    softmax(filter_logits(logits[i], params[i])) sorted, C = V, or C = CANDIDATES on the CPU when
+    every row's kept tokens are among its top CANDIDATES; all rows in one pass."""
     dev = logits.device
     N, V = logits.shape
     knobs = torch.tensor([[p.temperature, p.top_k if 0 < p.top_k < V else V, p.top_p if p.top_p < 1.0 else 2.0]
                           for p in params], dtype=torch.float32).to(dev)  # 2.0: top_p off
     x = logits.float() / knobs[:, 0:1]
+    if dev.type == "cpu" and V > CANDIDATES:
+        out = _candidate_probs(x, knobs)
+        if out is not None:
+            return out
     x, order = torch.sort(x, dim=-1, descending=True)
     kth = x.gather(1, knobs[:, 1:2].long() - 1)  # the k-th largest; ties with it stay, as in filter_logits
     x = x.masked_fill(x < kth, float("-inf"))
@@ -55,6 +63,28 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[
     drop = (probs.cumsum(-1) - probs) >= knobs[:, 2:3]  # the mass before a token already reaches top_p
     probs = torch.softmax(x.masked_fill(drop, float("-inf")), dim=-1)
     return probs, order
+
+
+def _candidate_probs(x: torch.Tensor, knobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """filtered_probs over the top CANDIDATES of every row (a partial sort), or None when some
+    row may keep a token outside them: a row is exact here when its top_k <= CANDIDATES and no
+    tie with the k-th value is cut off, or when top_k is off and the candidates already hold
+    top_p of the whole distribution (every later token is then dropped)."""
+    V, C = x.shape[1], CANDIDATES
+    top, order = torch.topk(x, C, dim=-1)  # descending
+    k, p = knobs[:, 1:2].long(), knobs[:, 2:3]
+    k_on = k <= C
+    kth = torch.where(k_on, top.gather(1, (k.clamp(max=C) - 1)), torch.full_like(p, float("-inf")))
+    lse_all = torch.logsumexp(x, dim=-1, keepdim=True)
+    mass = torch.exp(top - lse_all).sum(-1, keepdim=True)
+    exact = (k_on & (top[:, C - 1:C] < kth)) | ((k == V) & (mass >= p))
+    if not bool(exact.all()):
+        return None
+    xk = top.masked_fill(top < kth, float("-inf"))
+    lse = torch.where(k_on, torch.logsumexp(xk, dim=-1, keepdim=True), lse_all)  # top_p sees the kept set
+    probs = torch.exp(xk - lse)
+    drop = (probs.cumsum(-1) - probs) >= p
+    return torch.softmax(xk.masked_fill(drop, float("-inf")), dim=-1), order
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
