@@ -54,15 +54,14 @@ bitsandbytes is imported lazily, only by helpers that need it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .lora import HAS_TRITON, tl, triton, use_triton  # Triton stays optional (see kernels/lora.py)
+from .lora import HAS_TRITON, _device_ctx, tl, triton, use_triton  # Triton stays optional (see kernels/lora.py)
+from .pdl import _interpreting
 
 __all__ = [
     "HAS_TRITON",
@@ -380,10 +379,6 @@ def _num_sms(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------
 # Reference (pure PyTorch)
 
@@ -649,10 +644,6 @@ def _nf4_dequant_kernel(
 
 
 _JITTED: dict[bool, tuple] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
 def _kernels(interp: bool | None = None):
