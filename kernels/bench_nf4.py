@@ -263,7 +263,7 @@ def run_bench(args) -> dict:
     for r in rows:
         for label, t in r["per_shape_us"].items():
             N, K = SHAPES[label]
-            gbs = (N * K // 2 + (K // 64) * N * 4) / (t["ours"] * 1e-6) / 1e9
+            gbs = weight_bytes(N, K) / (t["ours"] * 1e-6) / 1e9
             print(f"| {r['M']} | {label} | {t['bf16']:.1f} | {t['bnb']:.1f} | {t['ours']:.1f} (words {t['words']:.1f}) "
                   f"| {t['bf16'] / t['ours']:.2f}x | {t['bnb'] / t['ours']:.2f}x | {gbs:.0f} |")
     print("\ntiming: CUDA graph replay unless noted:",
@@ -341,48 +341,52 @@ def rank_configs(layers, method: str, xs: dict, cands: list[dict], shape: tuple[
     return sorted(res, key=lambda t: t[0])
 
 
+def weight_bytes(N: int, K: int) -> int:
+    """Bytes of one NF4 linear's codes and float32 absmax."""
+    return N * K // 2 + (K // 64) * N * 4
+
+
+def sweep_cases(layers, ms):
+    """(M, label, N, K, xs, n_lin) for every batch size and linear shape of a sweep."""
+    for M in ms:
+        xs = {K: torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16) for K in (HIDDEN, INTER)}
+        for label, (N, K) in SHAPES.items():
+            n_lin = sum(1 for layer in layers for lin in layer if (lin["N"], lin["K"]) == (N, K))
+            yield M, label, N, K, xs, n_lin
+
+
 def run_words_sweep(args) -> dict:
     """Per (M, shape): bf16, bnb, the byte-layout kernel's defaults and the word-kernel configs."""
     layers = build_layers(args.layers)
     results = []
-    for M in args.m:
-        xs = {K: torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16) for K in (HIDDEN, INTER)}
-        for label, (N, K) in SHAPES.items():
-            n_lin = sum(1 for layer in layers for lin in layer if (lin["N"], lin["K"]) == (N, K))
-            base = {m: time_graph(make_pass(layers, m, xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin
-                    for m in ("bf16", "bnb", "ours")}
-            res = rank_configs(layers, "words", xs, words_candidates(M), (N, K), n_lin, args.reps, f"M={M} {label}")
-            w_bytes = N * K // 2 + (K // 64) * N * 4
-            print(f"M={M} {label}: bf16 {base['bf16']:.1f} us, bnb {base['bnb']:.1f}, bytes-kernel {base['ours']:.1f}")
-            for us, cfg in res[:4]:
-                print(f"   words {us:8.1f} us  {w_bytes / (us * 1e-6) / 1e9:6.0f} GB/s  {cfg}")
-            results.append(dict(M=M, shape=label, **{f"{k}_us": v for k, v in base.items()},
-                                ranked=[dict(us=us, cfg=cfg) for us, cfg in res]))
-        del xs
+    for M, label, N, K, xs, n_lin in sweep_cases(layers, args.m):
+        base = {m: time_graph(make_pass(layers, m, xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin
+                for m in ("bf16", "bnb", "ours")}
+        res = rank_configs(layers, "words", xs, words_candidates(M), (N, K), n_lin, args.reps, f"M={M} {label}")
+        print(f"M={M} {label}: bf16 {base['bf16']:.1f} us, bnb {base['bnb']:.1f}, bytes-kernel {base['ours']:.1f}")
+        for us, cfg in res[:4]:
+            print(f"   words {us:8.1f} us  {weight_bytes(N, K) / (us * 1e-6) / 1e9:6.0f} GB/s  {cfg}")
+        results.append(dict(M=M, shape=label, **{f"{k}_us": v for k, v in base.items()},
+                            ranked=[dict(us=us, cfg=cfg) for us, cfg in res]))
     return dict(words_sweep=results)
 
 
 def run_sweep(args) -> dict:
     layers = build_layers(args.layers)
     results = []
-    for M in args.m:
-        xs = {K: torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16) for K in (HIDDEN, INTER)}
-        for label, (N, K) in SHAPES.items():
-            n_lin = sum(1 for layer in layers for lin in layer if (lin["N"], lin["K"]) == (N, K))
-            default = nf4.pick_config(M, N, K, torch.device(DEVICE))
-            cands = [dict()] + sweep_candidates(M)
-            t0 = time.time()
-            res = rank_configs(layers, "ours", xs, cands, (N, K), n_lin, args.reps, f"M={M} {label}")
-            bf16_us = time_graph(make_pass(layers, "bf16", xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin
-            default_us = next(us for us, cfg in res if cfg == {}) if any(cfg == {} for _, cfg in res) else float("nan")
-            w_bytes = N * K // 2 + (K // 64) * N * 4
-            print(f"\nM={M} {label}: bf16 {bf16_us:.1f} us/linear; default {default} -> {default_us:.1f} us "
-                  f"({time.time() - t0:.0f}s sweep)")
-            for us, cfg in res[:5]:
-                print(f"   {us:8.1f} us  {w_bytes / (us * 1e-6) / 1e9:6.0f} GB/s  {cfg or 'default'}")
-            results.append(dict(M=M, shape=label, bf16_us=bf16_us, default=default, default_us=default_us,
-                                ranked=[dict(us=us, cfg=cfg) for us, cfg in res]))
-        del xs
+    for M, label, N, K, xs, n_lin in sweep_cases(layers, args.m):
+        default = nf4.pick_config(M, N, K, torch.device(DEVICE))
+        cands = [dict()] + sweep_candidates(M)
+        t0 = time.time()
+        res = rank_configs(layers, "ours", xs, cands, (N, K), n_lin, args.reps, f"M={M} {label}")
+        bf16_us = time_graph(make_pass(layers, "bf16", xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin
+        default_us = next(us for us, cfg in res if cfg == {}) if any(cfg == {} for _, cfg in res) else float("nan")
+        print(f"\nM={M} {label}: bf16 {bf16_us:.1f} us/linear; default {default} -> {default_us:.1f} us "
+              f"({time.time() - t0:.0f}s sweep)")
+        for us, cfg in res[:5]:
+            print(f"   {us:8.1f} us  {weight_bytes(N, K) / (us * 1e-6) / 1e9:6.0f} GB/s  {cfg or 'default'}")
+        results.append(dict(M=M, shape=label, bf16_us=bf16_us, default=default, default_us=default_us,
+                            ranked=[dict(us=us, cfg=cfg) for us, cfg in res]))
     return dict(sweep=results)
 
 
