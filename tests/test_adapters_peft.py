@@ -26,13 +26,21 @@ NEW = 16
 ATOL = 2e-3
 
 
-def oracle(model, ids):
-    t = torch.tensor([ids])
+def oracle(model, ids, eos_ids):
+    """Next-token logits and NEW greedy tokens, each from a full forward over the sequence so far
+    (no KV cache: PEFT's prefix-tuning generate does not follow transformers' newer cache API,
+    while its forward pass does). Stops after an EOS token, as generate and Quiver do."""
+    seq = list(ids)
+    first = None
     with torch.inference_mode():
-        logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, -1].float()
-        out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=NEW, do_sample=False,
-                             pad_token_id=2)
-    return logits, out[0, len(ids):].tolist()
+        for _ in range(NEW):
+            t = torch.tensor([seq])
+            logits = model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, -1].float()
+            first = logits if first is None else first
+            seq.append(int(logits.argmax()))
+            if seq[-1] in eos_ids:
+                break
+    return first, seq[len(ids):]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +53,7 @@ def suite(fp32_model, tmp_path_factory):
         pm = make_peft_adapter(hf, name, cfg, root / name)
         try:
             for i in ids:
-                logits, toks = oracle(pm, i)
+                logits, toks = oracle(pm, i, fp32_model.eos_token_ids)
                 expected[(name, tuple(i))] = (logits, toks)
         finally:
             release_peft(pm)
@@ -54,7 +62,7 @@ def suite(fp32_model, tmp_path_factory):
     for name, payload in (("bitfit", bitfit_deltas(hidden)), ("bottleneck", bottleneck_blocks(hidden))):
         with hooked(hf, name, payload):
             for i in ids:
-                expected[(name, tuple(i))] = oracle(hf, i)
+                expected[(name, tuple(i))] = oracle(hf, i, fp32_model.eos_token_ids)
     return root, ids, expected
 
 
