@@ -88,21 +88,33 @@ __all__ = [
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------------------------------------
-# Default tuning knobs (first guesses for H100 / bf16 / R in {8..64} / H in {2k..8k}; untuned).
+# Default tuning knobs (bf16, R in {8..64}, H in {2k..8k}). The BGMV ones come from the sweep
+# of kernels/bench_lora_group.py on an H200 (docs/results/gpu_lora_group_*.json: the engine's
+# q|k|v group + o of 32 layers, batches 1-128, pool rank 16 and mixed ranks 8-64 in a pool of 64);
+# the SGMV ones are untuned first guesses.
 #
 # BGMV shrink: one program per (token, rank block, K split). Each program streams a
 #   [BLOCK_R, BLOCK_K] tile of A per iteration; split-K (fp32 atomics into h) is used when
 #   there are too few (token x rank-block) programs to fill the GPU (decode at small batch).
+#   8 warps and ~8 programs per SM were best or within 3% at every batch (1.37x faster than
+#   4 warps / 2 per SM at batch 32).
 BGMV_SHRINK_BLOCK_K = 128
 BGMV_SHRINK_MAX_BLOCK_R = 32
-BGMV_SHRINK_TARGET_PROGRAMS = 264  # ~2 programs per SM on a 132-SM H100
+BGMV_SHRINK_TARGET_PROGRAMS = 1056  # ~8 programs per SM on a 132-SM H100 / H200
 BGMV_SHRINK_MAX_SPLIT_K = 32
-BGMV_SHRINK_NUM_WARPS = 4
+BGMV_SHRINK_NUM_WARPS = 8
 # BGMV expand: one program per (token, BLOCK_N outputs); loop over the slot's rank in
-#   BLOCK_R chunks (rank-bound loop, masked tail).
-BGMV_EXPAND_BLOCK_N = 64
+#   BLOCK_R chunks (rank-bound loop, masked tail). The tile is chosen by the pool rank R
+#   (bgmv_expand_tile): what was best is ~2048 B-elements of row span per program.
 BGMV_EXPAND_BLOCK_R = 16
-BGMV_EXPAND_NUM_WARPS = 4
+
+
+def bgmv_expand_tile(R: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the BGMV expand for a pool of rank R: measured best 128 outputs
+    with 2 warps at R = 16 and 32 outputs with 4 warps at R = 64 (R = 32 interpolated)."""
+    if R <= 16:
+        return 128, 2
+    return max(32, 2048 // _next_pow2(R)), 4
 # SGMV shrink: one program per (segment, BLOCK_M tokens, rank block, K split); tl.dot of a
 #   [BLOCK_M, BLOCK_K] x-tile with a [BLOCK_K, BLOCK_R] A^T-tile (all >= 16 for tensor cores).
 SGMV_SHRINK_BLOCK_M = 64
@@ -707,9 +719,9 @@ def triton_lora_expand(
     scaling: torch.Tensor,  # [S]          float32
     y: torch.Tensor,  # [T, H_out]         contiguous, updated in place
     *,
-    block_n: int = BGMV_EXPAND_BLOCK_N,
+    block_n: int | None = None,  # default: bgmv_expand_tile(R)
     block_r: int = BGMV_EXPAND_BLOCK_R,
-    num_warps: int = BGMV_EXPAND_NUM_WARPS,
+    num_warps: int | None = None,  # default: bgmv_expand_tile(R)
     slot_map: torch.Tensor | None = None,  # [S'+1] int32: slot of the stack = slot_map[token_slot + 1]
 ) -> torch.Tensor:  # y
     """BGMV expand (Triton), in place on y; returns y. Grid (T, cdiv(H_out, BLOCK_N)).
@@ -727,6 +739,8 @@ def triton_lora_expand(
     _check_same_device(h=h, b_stack=b_stack, token_slot=token_slot, ranks=ranks, scaling=scaling, y=y)
     if T == 0:
         return y
+    tile_n, tile_warps = bgmv_expand_tile(R)
+    block_n, num_warps = block_n or tile_n, num_warps or tile_warps
     n_nb = _cdiv(H_out, block_n)
     assert n_nb <= _MAX_GRID_YZ
     grid = (T, n_nb)

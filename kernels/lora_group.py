@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora import (BGMV_EXPAND_BLOCK_N, BGMV_EXPAND_BLOCK_R, BGMV_EXPAND_NUM_WARPS, BGMV_SHRINK_BLOCK_K,
-                   BGMV_SHRINK_MAX_BLOCK_R, BGMV_SHRINK_MAX_SPLIT_K, BGMV_SHRINK_NUM_WARPS,
-                   BGMV_SHRINK_TARGET_PROGRAMS, HAS_TRITON, _cdiv, _device_ctx, _next_pow2, _split_k,
-                   lora_expand, lora_shrink, use_triton)
+from .lora import (BGMV_EXPAND_BLOCK_R, BGMV_SHRINK_BLOCK_K, BGMV_SHRINK_MAX_BLOCK_R, BGMV_SHRINK_MAX_SPLIT_K,
+                   BGMV_SHRINK_NUM_WARPS, BGMV_SHRINK_TARGET_PROGRAMS, HAS_TRITON, _cdiv, _device_ctx, _next_pow2,
+                   _split_k, bgmv_expand_tile, lora_expand, lora_shrink, use_triton)
 from .pdl import pdl_kwargs, pdl_start
 
 if HAS_TRITON:
@@ -103,7 +102,14 @@ def _check(x, token_slot, members, y) -> None:
 
 
 def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember],
-                      y: torch.Tensor) -> torch.Tensor:
+                      y: torch.Tensor, *, shrink_block_k: int = BGMV_SHRINK_BLOCK_K,
+                      shrink_max_block_r: int = BGMV_SHRINK_MAX_BLOCK_R,
+                      shrink_target: int = BGMV_SHRINK_TARGET_PROGRAMS,
+                      shrink_num_warps: int = BGMV_SHRINK_NUM_WARPS, expand_block_n: int | None = None,
+                      expand_block_r: int = BGMV_EXPAND_BLOCK_R,
+                      expand_num_warps: int | None = None) -> torch.Tensor:
+    """Keyword arguments are tuning knobs (kernels/bench_lora_group.py sweeps them); the
+    defaults are kernels/lora.py's BGMV constants and bgmv_expand_tile(pool rank)."""
     _check(x, token_slot, members, y)
     T, H_in = x.shape
     if T == 0:
@@ -111,24 +117,26 @@ def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[G
     ms = members + [members[0]] * (MAX_MEMBERS - len(members))  # padding members are never picked
     G = len(members)
     R = members[0].a.shape[1]
-    block_r = min(_next_pow2(R), BGMV_SHRINK_MAX_BLOCK_R)
+    block_r = min(_next_pow2(R), shrink_max_block_r)
     n_rb = _cdiv(R, block_r)
-    block_k = BGMV_SHRINK_BLOCK_K
-    split_k = _split_k(T * n_rb * G, H_in, block_k, BGMV_SHRINK_TARGET_PROGRAMS, BGMV_SHRINK_MAX_SPLIT_K)
+    block_k = shrink_block_k
+    split_k = _split_k(T * n_rb * G, H_in, block_k, shrink_target, BGMV_SHRINK_MAX_SPLIT_K)
     k_per_split = _cdiv(_cdiv(H_in, split_k), block_k) * block_k
     a = members[0].a
-    nbs = [_cdiv(m.b.shape[1], BGMV_EXPAND_BLOCK_N) for m in ms]
+    tile_n, tile_warps = bgmv_expand_tile(R)
+    block_n, expand_num_warps = expand_block_n or tile_n, expand_num_warps or tile_warps
+    nbs = [_cdiv(m.b.shape[1], block_n) for m in ms]
     with _device_ctx(x):
         _group_shrink_kernel[(T, n_rb, split_k * G)](
             x, token_slot, *[m.a for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.h for m in ms], H_in, k_per_split, x.stride(0), a.stride(0), a.stride(1), members[0].h.stride(0),
-            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=BGMV_SHRINK_NUM_WARPS,
+            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=shrink_num_warps,
             **pdl_kwargs(x))
         _group_expand_kernel[(T, sum(nbs[:G]))](
             token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
             members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
-            BLOCK_N=BGMV_EXPAND_BLOCK_N, BLOCK_R=BGMV_EXPAND_BLOCK_R, num_warps=BGMV_EXPAND_NUM_WARPS,
+            BLOCK_N=block_n, BLOCK_R=expand_block_r, num_warps=expand_num_warps,
             **pdl_kwargs(y))
     return y
 

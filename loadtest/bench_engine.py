@@ -214,12 +214,13 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     save_lora(root / "cold", w.lora, base_model=loaded.name)
     pool = SlotPool(base, 4, rank, loaded.dtype, loaded.device)
     pool.load(w)  # allocate the stacks once, as a warm server has
-    disk, engine, slot = [], [], []
+    disk, read, engine, slot = [], [], [], []
     for i in range(repeats):
         sync(loaded.device)
         t0 = time.perf_counter()
         fresh = load_adapter(root / "cold", base, rank)  # the request's thread, as AdapterManager does:
-        if loaded.device.type == "cuda":  # read, validate, stage (serving dtype, pinned)
+        read.append(time.perf_counter() - t0)  # read + validate,
+        if loaded.device.type == "cuda":  # then stage (serving dtype, pinned)
             stage(fresh, loaded.dtype, pool.R, base.n_layers, base.shapes)
         t1 = time.perf_counter()
         fresh.info.adapter_id = f"cold-{i}"
@@ -232,7 +233,9 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     size = (root / "cold" / "adapter_model.safetensors").stat().st_size
     med = lambda v: sorted(v)[len(v) // 2] * 1e3  # noqa: E731
     return {"system": "cold-load", "rank": rank, "targets": targets, "file_mib": size / 2**20,
-            "disk_to_cpu_ms": med(disk), "engine_thread_ms": med(engine), "cpu_to_slot_ms": med(slot),
+            "disk_to_cpu_ms": med(disk), "read_validate_ms": med(read),
+            "stage_ms": med([a - b for a, b in zip(disk, read)]), "engine_thread_ms": med(engine),
+            "cpu_to_slot_ms": med(slot),
             "disk_to_slot_ms": med([a + b for a, b in zip(disk, slot)])}
 
 

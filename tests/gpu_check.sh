@@ -5,13 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-rm -rf /tmp/q && mkdir -p /tmp/q/quiver
-for d in server adapters kernels loadtest; do ln -s "$PWD/$d" "/tmp/q/quiver/$d"; done
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/q:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+. tests/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)" | tee -a "$OUT/device.txt"
 GPU_TESTS=${GPU_TESTS:-"tests/test_kernels_lora.py tests/test_kernels_attention.py tests/test_kernels_nf4.py
