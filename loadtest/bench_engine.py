@@ -199,7 +199,8 @@ def profile_step(engine, device: torch.device, rows: int = 14) -> str:
 
 
 def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int = 5) -> dict:
-    """Disk -> CPU (read + validate) and CPU -> accelerator slot times of one LoRA adapter."""
+    """Disk -> CPU (read + validate, then stage: serving dtype, pinned) and CPU -> accelerator
+    slot times of one LoRA adapter."""
     import tempfile
     from pathlib import Path
 
@@ -218,9 +219,9 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     for i in range(repeats):
         sync(loaded.device)
         t0 = time.perf_counter()
-        fresh = load_adapter(root / "cold", base, rank)  # the request's thread, as AdapterManager does:
-        read.append(time.perf_counter() - t0)  # read + validate,
-        if loaded.device.type == "cuda":  # then stage (serving dtype, pinned)
+        fresh = load_adapter(root / "cold", base, rank)  # the request's thread, as AdapterManager does
+        read.append(time.perf_counter() - t0)
+        if loaded.device.type == "cuda":
             stage(fresh, loaded.dtype, pool.R, base.n_layers, base.shapes)
         t1 = time.perf_counter()
         fresh.info.adapter_id = f"cold-{i}"
@@ -235,8 +236,7 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     return {"system": "cold-load", "rank": rank, "targets": targets, "file_mib": size / 2**20,
             "disk_to_cpu_ms": med(disk), "read_validate_ms": med(read),
             "stage_ms": med([a - b for a, b in zip(disk, read)]), "engine_thread_ms": med(engine),
-            "cpu_to_slot_ms": med(slot),
-            "disk_to_slot_ms": med([a + b for a, b in zip(disk, slot)])}
+            "cpu_to_slot_ms": med(slot), "disk_to_slot_ms": med([a + b for a, b in zip(disk, slot)])}
 
 
 def copy_bandwidth(device: torch.device) -> float | None:

@@ -101,8 +101,8 @@ def capture_logits(engine) -> dict[int, list[torch.Tensor]]:
     rows: dict[int, list[torch.Tensor]] = {}
     run = engine.runner.run
 
-    def wrapped(scheduled, adapters=None, prefix=None):
-        logits = run(scheduled, adapters, prefix)
+    def wrapped(scheduled):
+        logits = run(scheduled)
         i = 0
         for item in scheduled:
             seq = item.seq

@@ -187,10 +187,7 @@ class Engine:
             return
         self.steps += 1
         try:
-            adapter_batch = prefix = None
-            if self.adapters is not None:
-                adapter_batch, prefix = self.adapters.prepare(scheduled)
-            logits = self.runner.run(scheduled, adapter_batch, prefix)
+            logits = self.runner.run(scheduled)
         except Exception as exc:  # a failed step fails its requests, never the server
             log.exception("engine step failed")
             for item in scheduled:

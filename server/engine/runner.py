@@ -1,6 +1,6 @@
 """Builds the step's StepBatch from the scheduled sequences and runs the model.
 
-Contract: `ModelRunner.run(scheduled, adapters) -> logits [N, vocab]` for the N sequences
+Contract: `ModelRunner.run(scheduled) -> logits [N, vocab]` for the N sequences
 whose scheduled chunk reaches their last known token (those sample a token this step), in
 the order of `scheduled`. Index tensors are built once per step on the model's device.
 """
@@ -70,7 +70,9 @@ class ModelRunner:
             adapters=adapters,
         )
 
-    def run(self, scheduled: list[Scheduled], adapters=None, prefix_slots=None) -> torch.Tensor:
+    def run(self, scheduled: list[Scheduled]) -> torch.Tensor:
+        """A decode step that a CUDA graph can take replays it (the graph reads the adapters'
+        slots from its own static buffer); any other step builds its StepBatch and AdapterBatch."""
         if self.graphs is not None and self.graphs.eligible(scheduled, self.blocks.block_size):
             m = self.adapters
             return self.graphs.run(
@@ -79,5 +81,5 @@ class ModelRunner:
                 prefix_blocks=m.prefix_block_list if m is not None else (lambda seq: []),
                 pool_version=m.pool.version if m is not None else 0,
             )
-        batch = self.build(scheduled, adapters, prefix_slots)
-        return self.model(batch, self.kv)
+        adapters, prefix_slots = self.adapters.prepare(scheduled) if self.adapters is not None else (None, None)
+        return self.model(self.build(scheduled, adapters, prefix_slots), self.kv)
