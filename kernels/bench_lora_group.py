@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from quiver.kernels.bench_nf4 import time_graph
+from quiver.kernels.bench_nf4 import copy_bandwidth, time_graph
 from quiver.kernels.lora_group import GroupMember, reference_lora_group, triton_lora_group
 
 SHRINK_GRID = dict(shrink_block_k=(128, 256, 512, 1024), shrink_num_warps=(4, 8), shrink_target=(264, 528, 1056))
@@ -38,14 +38,6 @@ PREVIOUS = dict(shrink_num_warps=4, shrink_target=264, expand_block_n=64, expand
 
 def _grid(space: dict) -> list[dict]:
     return [dict(zip(space, vals)) for vals in itertools.product(*space.values())]
-
-
-def copy_bandwidth(device) -> float:
-    """Device-to-device copy, bytes read + written per second (1 GiB buffer)."""
-    src = torch.empty(2**29, dtype=torch.float16, device=device).normal_()
-    dst = torch.empty_like(src)
-    ms = time_graph(lambda: dst.copy_(src), reps=20)
-    return 2 * src.numel() * 2 / (ms * 1e-3)
 
 
 def build_layers(args, device, dtype):
@@ -123,7 +115,7 @@ def main(argv=None) -> int:
         print("bench_lora_group needs a CUDA device", file=sys.stderr)
         return 2
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth(dev) * 1e9  # bytes/s
     layers, ranks, scaling, slot_map = build_layers(args, dev, dtype)
     H = args.hidden
     rows = []

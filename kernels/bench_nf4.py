@@ -98,6 +98,27 @@ def replay_ms(graph, reps: int) -> float:
     return statistics.median(ts)
 
 
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Device-to-device copy bandwidth, bytes read plus written per second (GB/s); None on CPU.
+
+    A decode step must at least stream every weight byte once, so the step's lower bound is
+    weight bytes / this bandwidth (the convention of the performance issue: 2.9 TB/s on H100)."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / 10
+    del x, y
+    return 2 * 2 * 1024**3 / dt / 1e9  # 2 GiB read + 2 GiB written
+
+
 def time_eager(fn, reps: int = 10, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()

@@ -25,6 +25,7 @@ import torch
 from quiver.adapters.base import BaseSpec
 from quiver.adapters.manager import AdapterConfig, AdapterManager
 from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
+from quiver.kernels.bench_nf4 import copy_bandwidth, replay_ms
 from quiver.server.config import EngineConfig, ModelConfig, SamplingParams
 from quiver.server.engine.engine import Engine
 from quiver.server.loader import LoadedModel, load_model, pick_device, wrap_hf_model
@@ -181,8 +182,6 @@ def graph_replay_ms(engine, batch: int, use_adapters: bool, reps: int = 10) -> f
     keys = [k for k in graphs.graphs if k[0] == bucket and k[1] == use_adapters]
     if not keys:
         return None
-    from quiver.kernels.bench_nf4 import replay_ms
-
     return replay_ms(graphs.graphs[max(keys, key=lambda k: k[2])][0], reps)
 
 
@@ -237,27 +236,6 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
             "disk_to_cpu_ms": med(disk), "read_validate_ms": med(read),
             "stage_ms": med([a - b for a, b in zip(disk, read)]), "engine_thread_ms": med(engine),
             "cpu_to_slot_ms": med(slot), "disk_to_slot_ms": med([a + b for a, b in zip(disk, slot)])}
-
-
-def copy_bandwidth(device: torch.device) -> float | None:
-    """Device-to-device copy bandwidth, bytes read plus written per second (GB/s); None on CPU.
-
-    A decode step must at least stream every weight byte once, so the step's lower bound is
-    weight bytes / this bandwidth (the convention of the performance issue: 2.9 TB/s on H100)."""
-    if device.type != "cuda":
-        return None
-    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / 10
-    del x, y
-    return 2 * 2 * 1024**3 / dt / 1e9  # 2 GiB read + 2 GiB written
 
 
 def peft_baseline(hf, batch: int, n_adapters: int, rank: int, targets: list[str], prompt_len: int,
