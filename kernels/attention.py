@@ -93,8 +93,11 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------
-# Default tuning knobs (first guesses for H100 / bf16 / D 128 / block_size 16; not timed on a
-# GPU yet). Register use was checked by compiling for sm_90 without a device (cuobjdump):
+# Default tuning knobs (bf16 / D 128 / block_size 16). The MHA ones are from the sweep of
+# kernels/bench_attention.py on an H200 (docs/results/h200/gpu_attention_sweep.json, Llama-2-7B
+# shape, 150-key contexts): BLOCK_N 16 with 2 warps was best or within 3% at batch 32 and 128
+# (1.7x / 2.0x faster than the earlier BLOCK_N 64 / 4 warps), and two splits at batch 1. The
+# GQA (tl.dot) ones are first guesses, not timed yet. Register use was checked by compiling for sm_90 without a device (cuobjdump):
 # bf16 D 128, GQA tl.dot path: BLOCK_N 32 / 4 warps -> 180 regs, no spill (BLOCK_N 64 / 4 warps
 # spills); MHA tl.sum path: BLOCK_N 64 / 4 warps -> 184 regs, no spill; fp32 tl.dot needs 8
 # warps not to spill. num_stages does not change the bf16 kernels (the gathered loads are not
@@ -102,13 +105,14 @@ __all__ = [
 #
 # Kernel 1 streams BLOCK_N keys per iteration (gathered from BLOCK_N / block_size cache blocks).
 DECODE_BLOCK_N_DOT = 32  # GQA/MQA: the query-head group is one tl.dot tile
-DECODE_BLOCK_N_SUM = 64  # MHA: broadcast multiply + tl.sum
+DECODE_BLOCK_N_SUM = 16  # MHA: broadcast multiply + tl.sum
 # Split-K: aim for ~TARGET programs (B * KVH * splits), ~4 per SM on a 132-SM H100, with at
 # least MIN_TOKENS_PER_SPLIT keys of the *maximum* context per split and at most MAX_SPLITS.
 DECODE_TARGET_PROGRAMS = 528
-DECODE_MIN_TOKENS_PER_SPLIT = 128
+DECODE_MIN_TOKENS_PER_SPLIT = 64
 DECODE_MAX_SPLITS = 64
 DECODE_NUM_WARPS = 4
+DECODE_NUM_WARPS_SUM = 2  # MHA
 DECODE_NUM_WARPS_FP32_DOT = 8
 DECODE_NUM_STAGES = 2
 # Kernel 2 reads the partials of REDUCE_CHUNK splits per iteration.
@@ -470,7 +474,7 @@ def triton_paged_decode_attention(
     block_n: int | None = None,  # None: DECODE_BLOCK_N_DOT / DECODE_BLOCK_N_SUM
     num_splits: int | None = None,  # upper bound; None = heuristic (decode_split_plan)
     use_dot: bool | None = None,  # None: tl.dot when H // KVH > 1, broadcast + tl.sum for MHA
-    num_warps: int | None = None,  # None: DECODE_NUM_WARPS (DECODE_NUM_WARPS_FP32_DOT for fp32 tl.dot)
+    num_warps: int | None = None,  # None: DECODE_NUM_WARPS (_FP32_DOT for fp32 tl.dot, _SUM for MHA)
     num_stages: int = DECODE_NUM_STAGES,
 ) -> torch.Tensor:  # out [B, H, D] q.dtype
     """Paged decode attention (Triton, FlashDecoding split-K); CUDA-graph capturable.
@@ -499,7 +503,10 @@ def triton_paged_decode_attention(
         block_n = DECODE_BLOCK_N_DOT if use_dot else DECODE_BLOCK_N_SUM
     assert block_n >= 16 and block_n == _next_pow2(block_n), f"block_n must be a power of two >= 16, got {block_n}"
     if num_warps is None:
-        num_warps = DECODE_NUM_WARPS_FP32_DOT if (use_dot and q.dtype == torch.float32) else DECODE_NUM_WARPS
+        if use_dot:
+            num_warps = DECODE_NUM_WARPS_FP32_DOT if q.dtype == torch.float32 else DECODE_NUM_WARPS
+        else:
+            num_warps = DECODE_NUM_WARPS_SUM
     block_g = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
     block_d = max(16, _next_pow2(D))  # masked when D is not a power of two (>= 16 for tl.dot)
     n_splits, tps = decode_split_plan(B, KVH, max_blocks, block_size, block_n=block_n, num_splits=num_splits)
