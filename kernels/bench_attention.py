@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 
 import torch
 
 from quiver.kernels.attention import reference_paged_decode_attention, triton_paged_decode_attention
-from quiver.kernels.bench_nf4 import copy_bandwidth, time_graph
+from quiver.kernels.bench_nf4 import copy_bandwidth, time_graph, write_sweep
 
 GRID = dict(block_n=(16, 32, 64, 128), num_warps=(2, 4, 8), num_stages=(1, 3), num_splits=(1, 2))
 BLOCK_SIZE, HEAD_DIM = 16, 128
@@ -102,9 +101,7 @@ def main(argv=None) -> int:
         print(f"| {r['batch']} | {r['default_ms']:.3f} | {r['default_TBps']:.2f} | {r['best_ms']:.3f} | "
               f"{r['best_TBps']:.2f} | {r['default_ms'] / r['best_ms']:.2f}x | {r['rel_err_best']:.1e} | {r['best']} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_TBps=bw / 1e12, config=vars(args), rows=rows), f,
-                      indent=1)
+        write_sweep(args.out, bw, args, rows)
     return 0
 
 

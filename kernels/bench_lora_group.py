@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 
 import torch
 
-from quiver.kernels.bench_nf4 import copy_bandwidth, time_graph
+from quiver.kernels.bench_nf4 import copy_bandwidth, time_graph, write_sweep
 from quiver.kernels.lora_group import GroupMember, reference_lora_group, triton_lora_group
 
 SHRINK_GRID = dict(shrink_block_k=(128, 256, 512, 1024), shrink_num_warps=(4, 8), shrink_target=(264, 528, 1056))
@@ -164,9 +163,7 @@ def main(argv=None) -> int:
               f"| {r['floor_ms']:.3f} | {r['best_ms'] / r['floor_ms']:.2f}x | {r['err_default']:.1e} / {r['err_best']:.1e} "
               f"| {r['best']} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_TBps=bw / 1e12, config=vars(args), rows=rows), f,
-                      indent=1)
+        write_sweep(args.out, bw, args, rows)
     return 0
 
 

@@ -119,6 +119,13 @@ def copy_bandwidth(device: torch.device) -> float | None:
     return 2 * 2 * 1024**3 / dt / 1e9  # 2 GiB read + 2 GiB written
 
 
+def write_sweep(path: str, bw: float, args, rows: list[dict]) -> None:
+    """JSON of a kernel sweep (bench_lora_group, bench_attention): device, copy bandwidth (bytes/s in), rows."""
+    with open(path, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), copy_TBps=bw / 1e12, config=vars(args), rows=rows), f,
+                  indent=1)
+
+
 def time_eager(fn, reps: int = 10, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
