@@ -97,7 +97,8 @@ __all__ = [
 # kernels/bench_attention.py on an H200 (docs/results/h200/gpu_attention_sweep.json, Llama-2-7B
 # shape, 150-key contexts): BLOCK_N 16 with 2 warps was best or within 3% at batch 32 and 128
 # (1.7x / 2.0x faster than the earlier BLOCK_N 64 / 4 warps), and two splits at batch 1. The
-# GQA (tl.dot) ones are first guesses, not timed yet. Register use was checked by compiling for sm_90 without a device (cuobjdump):
+# GQA (tl.dot) ones are first guesses, not timed yet. Register use was checked by compiling for
+# sm_90 without a device (cuobjdump):
 # bf16 D 128, GQA tl.dot path: BLOCK_N 32 / 4 warps -> 180 regs, no spill (BLOCK_N 64 / 4 warps
 # spills); MHA tl.sum path: BLOCK_N 64 / 4 warps -> 184 regs, no spill; fp32 tl.dot needs 8
 # warps not to spill. num_stages does not change the bf16 kernels (the gathered loads are not

@@ -89,7 +89,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------------------------------------
 # Default tuning knobs (bf16, R in {8..64}, H in {2k..8k}). The BGMV ones come from the sweep
-# of kernels/bench_lora_group.py on an H200 (docs/results/gpu_lora_group_*.json: the engine's
+# of kernels/bench_lora_group.py on an H200 (docs/results/h200/gpu_lora_group_*.json: the engine's
 # q|k|v group + o of 32 layers, batches 1-128, pool rank 16 and mixed ranks 8-64 in a pool of 64);
 # the SGMV ones are untuned first guesses.
 #
@@ -115,6 +115,8 @@ def bgmv_expand_tile(R: int) -> tuple[int, int]:
     if R <= 16:
         return 128, 2
     return max(32, 2048 // _next_pow2(R)), 4
+
+
 # SGMV shrink: one program per (segment, BLOCK_M tokens, rank block, K split); tl.dot of a
 #   [BLOCK_M, BLOCK_K] x-tile with a [BLOCK_K, BLOCK_R] A^T-tile (all >= 16 for tensor cores).
 SGMV_SHRINK_BLOCK_M = 64
