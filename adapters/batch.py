@@ -8,6 +8,8 @@ Per projection, for the tokens of each slot (one launch per kind, any mix of met
   y   += scaling[slot] * B[slot] (A[slot] x_in)           (LoRA, rsLoRA, AdaLoRA, DoRA, mixes)
   y    = y * out_scale[slot] + out_add[slot]              (IA3, DoRA, BitFit)
   y   += up[slot](act(down[slot] y + bd[slot])) + bu[slot] (bottleneck)
+`linear_add_rms_norm` is `linear` then the layer's residual add and norm; a LoRA-only
+projection runs its expand inside the norm kernel (kernels/lora_norm.py).
 For a fused projection group (q|k|v, gate|up: server/fuse.py) `group_linear` does the same
 for all members at once, their LoRAs in two launches (kernels/lora_group.py).
 The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on CPU.
@@ -15,13 +17,19 @@ The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from quiver.adapters.bottleneck import ACTIVATIONS
 from quiver.adapters.pool import ACT_NAMES
 from quiver.adapters.pool import LowRankStack, SlotPool
 from quiver.kernels import add_by_slot, lora_expand, lora_shrink, scale_by_slot
+from quiver.kernels.fused import add_rms_norm
+from quiver.kernels.lora_norm import lora_add_rms_norm
 from quiver.kernels.lora_group import GroupMember, lora_group
+
+FUSE_LORA_NORM = os.environ.get("QUIVER_LORA_NORM", "1") != "0"  # 0: expand and norm as two kernels (A/B runs)
 
 
 class AdapterBatch:
@@ -63,6 +71,19 @@ class AdapterBatch:
             h = lora_shrink(x, st.a, self.token_slot, st.ranks, slot_map=st.present, out=self.shrink_out.get(key))
             lora_expand(h, st.b, self.token_slot, st.ranks, st.scaling, y, slot_map=st.present)
         return self._after_lora(key, y)
+
+    def linear_add_rms_norm(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor,
+                            residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        """add_rms_norm(linear(...), residual): when LoRA is the projection's only adapter kind in
+        the pool, its expand, the residual add and the norm are one kernel (kernels/lora_norm.py)."""
+        key, pool = (layer, name), self.pool
+        st = pool.lora.get(key)
+        if (not FUSE_LORA_NORM or st is None or key in pool.out_scale or key in pool.out_add
+                or key in pool.bottleneck):
+            return add_rms_norm(self.linear(layer, name, x, y), residual, weight, eps)
+        h = lora_shrink(x, st.a, self.token_slot, st.ranks, slot_map=st.present, out=self.shrink_out.get(key))
+        return lora_add_rms_norm(h, st.b, self.token_slot, st.ranks, st.scaling, y, residual, weight, eps,
+                                 slot_map=st.present)
 
     def group_linear(self, layer: int, names: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
                      widths: list[int]) -> list[torch.Tensor]:

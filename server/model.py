@@ -120,6 +120,15 @@ class DecoderLayer(nn.Module):
             return list(y.split(widths, dim=-1))
         return ad.group_linear(self.index, names, x, y, widths)
 
+    def o_proj_add_norm(self, attn: torch.Tensor, h: torch.Tensor, batch: StepBatch):
+        """(post-attention norm of o_proj(attn) + h, o_proj(attn) + h), the projection with its
+        adapters; a LoRA-only o_proj has its expand inside the norm kernel (kernels/lora_norm.py)."""
+        if batch.adapters is None:
+            return add_rms_norm(self.proj["o_proj"](attn), h, self.post_norm, self.eps)
+        x = batch.adapters.pre_linear(self.index, "o_proj", attn)
+        return batch.adapters.linear_add_rms_norm(self.index, "o_proj", x, self.proj["o_proj"](x), h,
+                                                  self.post_norm, self.eps)
+
     def forward(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         # norms, rotary + cache write and silu*mul are fused kernels on CUDA (quiver.kernels.fused)
@@ -128,7 +137,7 @@ class DecoderLayer(nn.Module):
         q, k, v = self.group("qkv", x, batch)
         q = rope_kv(q, k, v, cos, sin, kv.k[self.index], kv.v[self.index], batch.slot_mapping)
         attn = paged_attention(q.view(T, self.n_heads, self.head_dim), kv.k[self.index], kv.v[self.index], batch)
-        x, h = add_rms_norm(self.linear("o_proj", attn, batch), h, self.post_norm, self.eps)
+        x, h = self.o_proj_add_norm(attn, h, batch)
         act = silu_mul(*self.group("gate_up", x, batch))
         return h + self.linear("down_proj", act, batch)
 

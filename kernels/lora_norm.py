@@ -1,0 +1,130 @@
+"""LoRA expand, residual add and RMSNorm of one projection's output in one kernel.
+
+After the attention output projection the decoder layer computes
+
+    y1 = lora_expand(h, B, token_slot, ranks, scaling, y)   # y += scaling[s] * h[:, :r] @ B[s, :, :r].T
+    out, total = add_rms_norm(y1, residual, weight, eps)     # total = y1 + residual; out = norm(total)
+
+`lora_add_rms_norm` does both in one launch, one program per token row (the BGMV expand is
+otherwise a launch of its own, T x H/128 programs). Numerics are those of the two kernels it
+replaces: the delta is summed in float32 over BLOCK_R chunks of the rank and rounded into y's
+dtype with y, then the residual add rounds again and the norm reduces in float32 (the order of
+the norm's float32 sum differs: ~1 ulp before the rounding to the activation dtype).
+
+The row is handled in column chunks of BLOCK_C: pass 1 writes total (the residual stream the
+layer returns) and sums its squares; pass 2 reads total back and writes the normalized row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fused import _rows, reference_add_rms_norm
+from .lora import (HAS_TRITON, _check_expand_args, _check_index, _check_same_device, _device_ctx, _require_triton,
+                   reference_lora_expand, use_triton)
+from .pdl import pdl_kwargs, pdl_start
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["lora_add_rms_norm", "reference_lora_add_rms_norm", "triton_lora_add_rms_norm"]
+
+BLOCK_C = 512  # columns per chunk
+BLOCK_R = 16  # rank per inner step (as the BGMV expand's default)
+NUM_WARPS = 4
+
+
+def reference_lora_add_rms_norm(h, b_stack, token_slot, ranks, scaling, y, residual, weight, eps, *, slot_map=None):
+    """(norm(y1 + residual), y1 + residual) with y1 = lora_expand(h, ..., y.clone()) (y is not modified)."""
+    y1 = reference_lora_expand(h, b_stack, token_slot, ranks, scaling, y.clone(), slot_map=slot_map)
+    return reference_add_rms_norm(y1, residual, weight, eps)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _lora_add_rms_norm_kernel(
+        y_ptr, r_ptr, w_ptr, out_ptr, total_ptr,  # [T, N] rows; weight [N]
+        h_ptr,  # [T, R] shrink output
+        b_ptr,  # [S, N, R]
+        slot_ptr, map_ptr, rank_ptr, scale_ptr,
+        N, stride_y, stride_r, stride_o, stride_t, stride_ht, stride_bs, stride_bn, eps,
+        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        pdl_start(PDL)
+        t = tl.program_id(0)
+        row = t.to(tl.int64)
+        slot = tl.load(slot_ptr + t)
+        if HAS_MAP:  # token slot -> this stack's slot (or -1)
+            slot = tl.load(map_ptr + slot + 1)
+        has = slot >= 0
+        slot_c = tl.maximum(slot, 0).to(tl.int64)
+        rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
+        scale = tl.load(scale_ptr + slot_c)
+        r_offs = tl.arange(0, BLOCK_R)
+        h_row = h_ptr + row * stride_ht
+        ty = y_ptr.dtype.element_ty
+        ss = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for c0 in range(0, N, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = cols < N
+            b_rows = b_ptr + slot_c * stride_bs + cols[:, None].to(tl.int64) * stride_bn
+            acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            for k in range(0, rank, BLOCK_R):  # 0 iterations for a row without this adapter
+                rr = k + r_offs
+                rk_mask = rr < rank
+                hv = tl.load(h_row + rr, mask=rk_mask, other=0.0).to(tl.float32)
+                bv = tl.load(b_rows + rr[None, :], mask=mask[:, None] & rk_mask[None, :], other=0.0)
+                acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
+            y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
+            y = tl.where(rank > 0, (y.to(tl.float32) + scale * acc).to(ty), y)
+            r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (y.to(tl.float32) + r.to(tl.float32)).to(ty)
+            tl.store(total_ptr + row * stride_t + cols, x, mask=mask)
+            xf = x.to(tl.float32)
+            ss += xf * xf
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / N + eps)
+        tl.debug_barrier()  # pass 2 reads back what every thread of the program wrote
+        for c0 in range(0, N, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = cols < N
+            x = tl.load(total_ptr + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
+            hn = (x * rstd).to(ty).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * stride_o + cols, (w * hn).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def triton_lora_add_rms_norm(h, b_stack, token_slot, ranks, scaling, y, residual, weight, eps, *, slot_map=None,
+                             block_c: int = BLOCK_C, num_warps: int = NUM_WARPS):
+    _require_triton()
+    T, N, S, R = _check_expand_args(h, b_stack, ranks, scaling, y)
+    _check_index(token_slot, "token_slot", T)
+    _check_same_device(h=h, b_stack=b_stack, token_slot=token_slot, ranks=ranks, scaling=scaling, y=y,
+                       residual=residual, weight=weight)
+    _rows(y, "y"), _rows(residual, "residual")
+    assert tuple(residual.shape) == (T, N) and tuple(weight.shape) == (N,), "residual [T, N] and weight [N]"
+    out = torch.empty((T, N), dtype=y.dtype, device=y.device)
+    total = torch.empty_like(out)
+    if T:
+        with _device_ctx(y):
+            _lora_add_rms_norm_kernel[(T,)](
+                y, residual, weight, out, total, h, b_stack, token_slot,
+                token_slot if slot_map is None else slot_map, ranks, scaling,
+                N, y.stride(0), residual.stride(0), out.stride(0), total.stride(0), h.stride(0),
+                b_stack.stride(0), b_stack.stride(1), float(eps),
+                BLOCK_C=block_c, BLOCK_R=BLOCK_R, HAS_MAP=slot_map is not None, num_warps=num_warps,
+                enable_fp_fusion=False, **pdl_kwargs(y))
+    return out, total
+
+
+def lora_add_rms_norm(h: torch.Tensor, b_stack: torch.Tensor, token_slot: torch.Tensor, ranks: torch.Tensor,
+                      scaling: torch.Tensor, y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float, *, slot_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(y1 + residual) * weight, y1 + residual), y1 = y + the LoRA delta (lora_expand);
+    y itself is not modified."""
+    if use_triton(h, b_stack, token_slot, ranks, scaling, y, residual, weight):
+        return triton_lora_add_rms_norm(h, b_stack, token_slot, ranks, scaling, y, residual, weight, eps,
+                                        slot_map=slot_map)
+    return reference_lora_add_rms_norm(h, b_stack, token_slot, ranks, scaling, y, residual, weight, eps,
+                                       slot_map=slot_map)
