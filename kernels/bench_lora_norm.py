@@ -45,11 +45,13 @@ def main(argv=None) -> int:
                 triton_add_rms_norm(triton_lora_expand(h, b, ts, ranks, scaling, y), r, weight, 1e-5)
 
         res = {"unfused": time_graph(unfused) * 1e3 / L}
-        for bc, nw in [(512, 4), (1024, 8), (2048, 8), (4096, 16), (1024, 4)]:
-            def fused(bc=bc, nw=nw):
+        for split, bc, nw in [(True, 512, 4), (True, 256, 2), (True, 256, 4), (True, 1024, 4), (True, 128, 2),
+                              (False, 4096, 16), (False, 1024, 8)]:
+            def fused(split=split, bc=bc, nw=nw):
                 for b in banks:
-                    triton_lora_add_rms_norm(h, b, ts, ranks, scaling, y, r, weight, 1e-5, block_c=bc, num_warps=nw)
-            res[f"fused_c{bc}_w{nw}"] = time_graph(fused) * 1e3 / L
+                    triton_lora_add_rms_norm(h, b, ts, ranks, scaling, y, r, weight, 1e-5, block_c=bc, num_warps=nw,
+                                             split=split)
+            res[f"{'split' if split else 'row'}_c{bc}_w{nw}"] = time_graph(fused) * 1e3 / L
         print(f"T={T}: " + ", ".join(f"{k} {v:.2f} us" for k, v in res.items()), flush=True)
         rows.append(dict(T=T, us_per_layer=res))
     if args.out:

@@ -11,8 +11,10 @@ replaces: the delta is summed in float32 over BLOCK_R chunks of the rank and rou
 dtype with y, then the residual add rounds again and the norm reduces in float32 (the order of
 the norm's float32 sum differs: ~1 ulp before the rounding to the activation dtype).
 
-The row is handled in column chunks of BLOCK_C: pass 1 writes total (the residual stream the
-layer returns) and sums its squares; pass 2 reads total back and writes the normalized row.
+Grid (T, N / BLOCK_C): each program adds the delta and the residual to one column chunk, writes
+total (the residual stream the layer returns) and its chunk's sum of squares; the last program
+of a row to finish (a self-resetting counter per row) sums the partial squares in chunk order
+and writes the normalized row. split=False runs one program per row over all chunks instead.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = ["lora_add_rms_norm", "reference_lora_add_rms_norm", "triton_lora_add_
 BLOCK_C = 512  # columns per chunk
 BLOCK_R = 16  # rank per inner step (as the BGMV expand's default)
 NUM_WARPS = 4
+SPLIT = True  # grid (T, N / BLOCK_C), the last program of a row normalizes it; False: one program per row
 
 
 def reference_lora_add_rms_norm(h, b_stack, token_slot, ranks, scaling, y, residual, weight, eps, *, slot_map=None):
@@ -95,8 +98,67 @@ if HAS_TRITON:
             tl.store(out_ptr + row * stride_o + cols, (w * hn).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _lora_add_rms_norm_split_kernel(
+        y_ptr, r_ptr, w_ptr, out_ptr, total_ptr, h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr,
+        ss_ptr,  # [T, C] float32 partial sums of squares
+        lock_ptr,  # zeroed int32 row counters (self-resetting)
+        N, C, stride_y, stride_r, stride_o, stride_t, stride_ht, stride_bs, stride_bn, eps,
+        C_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        # grid (T, C): program (t, c) adds the delta and the residual to chunk c of row t; the
+        # last program of a row to finish sums the C partial squares in order and normalizes it
+        pdl_start(PDL)
+        t = tl.program_id(0)
+        c = tl.program_id(1)
+        row = t.to(tl.int64)
+        slot = tl.load(slot_ptr + t)
+        if HAS_MAP:
+            slot = tl.load(map_ptr + slot + 1)
+        has = slot >= 0
+        slot_c = tl.maximum(slot, 0).to(tl.int64)
+        rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
+        scale = tl.load(scale_ptr + slot_c)
+        r_offs = tl.arange(0, BLOCK_R)
+        ty = y_ptr.dtype.element_ty
+        cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = cols < N
+        b_rows = b_ptr + slot_c * stride_bs + cols[:, None].to(tl.int64) * stride_bn
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for k in range(0, rank, BLOCK_R):
+            rr = k + r_offs
+            rk_mask = rr < rank
+            hv = tl.load(h_ptr + row * stride_ht + rr, mask=rk_mask, other=0.0).to(tl.float32)
+            bv = tl.load(b_rows + rr[None, :], mask=mask[:, None] & rk_mask[None, :], other=0.0)
+            acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
+        y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
+        y = tl.where(rank > 0, (y.to(tl.float32) + scale * acc).to(ty), y)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (y.to(tl.float32) + r.to(tl.float32)).to(ty)
+        tl.store(total_ptr + row * stride_t + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        tl.store(ss_ptr + row * C + c, tl.sum(xf * xf, axis=0))
+        tl.debug_barrier()
+        done = tl.atomic_add(lock_ptr + t, 1, sem="acq_rel", scope="gpu")
+        if done == C - 1:
+            offs_c = tl.arange(0, C_POW2)
+            parts = tl.load(ss_ptr + row * C + offs_c, mask=offs_c < C, other=0.0, cache_modifier=".cg")
+            rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / N + eps)
+            for c0 in range(0, N, BLOCK_C):
+                cc = c0 + tl.arange(0, BLOCK_C)
+                m = cc < N
+                xv = tl.load(total_ptr + row * stride_t + cc, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+                hn = (xv * rstd).to(ty).to(tl.float32)
+                w = tl.load(w_ptr + cc, mask=m, other=0.0).to(tl.float32)
+                tl.store(out_ptr + row * stride_o + cc, (w * hn).to(out_ptr.dtype.element_ty), mask=m)
+            tl.atomic_xchg(lock_ptr + t, 0)  # re-arm for the next launch
+
+
 def triton_lora_add_rms_norm(h, b_stack, token_slot, ranks, scaling, y, residual, weight, eps, *, slot_map=None,
-                             block_c: int = BLOCK_C, num_warps: int = NUM_WARPS):
+                             block_c: int = BLOCK_C, num_warps: int = NUM_WARPS, split: bool = SPLIT):
     _require_triton()
     T, N, S, R = _check_expand_args(h, b_stack, ranks, scaling, y)
     _check_index(token_slot, "token_slot", T)
@@ -106,7 +168,21 @@ def triton_lora_add_rms_norm(h, b_stack, token_slot, ranks, scaling, y, residual
     assert tuple(residual.shape) == (T, N) and tuple(weight.shape) == (N,), "residual [T, N] and weight [N]"
     out = torch.empty((T, N), dtype=y.dtype, device=y.device)
     total = torch.empty_like(out)
-    if T:
+    C = triton.cdiv(N, block_c)
+    if T and split and C > 1:
+        from .nf4 import LOCKS_SIZE, _tile_locks
+
+        assert T <= LOCKS_SIZE, f"T={T} rows"
+        ss = torch.empty((T, C), dtype=torch.float32, device=y.device)
+        with _device_ctx(y):
+            _lora_add_rms_norm_split_kernel[(T, C)](
+                y, residual, weight, out, total, h, b_stack, token_slot,
+                token_slot if slot_map is None else slot_map, ranks, scaling, ss, _tile_locks(y.device),
+                N, C, y.stride(0), residual.stride(0), out.stride(0), total.stride(0), h.stride(0),
+                b_stack.stride(0), b_stack.stride(1), float(eps),
+                C_POW2=triton.next_power_of_2(C), BLOCK_C=block_c, BLOCK_R=BLOCK_R, HAS_MAP=slot_map is not None, num_warps=num_warps,
+                enable_fp_fusion=False, **pdl_kwargs(y))
+    elif T:
         with _device_ctx(y):
             _lora_add_rms_norm_kernel[(T,)](
                 y, residual, weight, out, total, h, b_stack, token_slot,
