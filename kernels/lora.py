@@ -427,16 +427,20 @@ def reference_sgmv_expand(
 if HAS_TRITON:
 
     @triton.jit
+    def _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP: tl.constexpr):
+        """(slot clamped to >= 0 as int64, rank; 0 where token t has no adapter in this stack)."""
+        slot = tl.load(slot_ptr + t)
+        if HAS_MAP:  # token slot -> this stack's slot (or -1)
+            slot = tl.load(map_ptr + slot + 1)
+        slot_c = tl.maximum(slot, 0).to(tl.int64)
+        return slot_c, tl.where(slot >= 0, tl.load(rank_ptr + slot_c), 0)
+
+    @triton.jit
     def _bgmv_shrink_body(x_ptr, a_ptr, slot_ptr, map_ptr, rank_ptr, h_ptr, t, pid_r, pid_k, H_in, K_PER_SPLIT,
                           stride_xt, stride_as, stride_ar, stride_ht,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                           HAS_MAP: tl.constexpr):
-        slot = tl.load(slot_ptr + t)
-        if HAS_MAP:  # token slot -> this stack's slot (or -1)
-            slot = tl.load(map_ptr + slot + 1)
-        has = slot >= 0
-        slot_c = tl.maximum(slot, 0).to(tl.int64)
-        rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
+        slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
         r_lo = pid_r * BLOCK_R
         r_offs = r_lo + tl.arange(0, BLOCK_R)
         r_mask = r_offs < rank
@@ -491,12 +495,7 @@ if HAS_TRITON:
     def _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, t, pid_n, H_out,
                           stride_ht, stride_bs, stride_bn, stride_yt,
                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr):
-        slot = tl.load(slot_ptr + t)
-        if HAS_MAP:  # token slot -> this stack's slot (or -1)
-            slot = tl.load(map_ptr + slot + 1)
-        has = slot >= 0
-        slot_c = tl.maximum(slot, 0).to(tl.int64)
-        rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
+        slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
         n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n_offs < H_out
         r_offs = tl.arange(0, BLOCK_R)

@@ -45,6 +45,40 @@ def reference_lora_add_rms_norm(h, b_stack, token_slot, ranks, scaling, y, resid
 
 
 if HAS_TRITON:
+    from .lora import _token_rank
+
+    @triton.jit
+    def _chunk_total(y_ptr, r_ptr, total_ptr, h_row, b_slot, cols, mask, rank, scale, stride_bn,
+                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+        """total[cols] = dtype(dtype(y + scale * h[:rank] @ B[cols, :rank].T) + r), stored; returned
+        as float32 (y, r, total: pointers to the row's first column; b_slot: the slot's B)."""
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        b_rows = b_slot + cols[:, None].to(tl.int64) * stride_bn
+        r_offs = tl.arange(0, BLOCK_R)
+        for k in range(0, rank, BLOCK_R):  # 0 iterations for a row without this adapter
+            rr = k + r_offs
+            rk_mask = rr < rank
+            hv = tl.load(h_row + rr, mask=rk_mask, other=0.0).to(tl.float32)
+            bv = tl.load(b_rows + rr[None, :], mask=mask[:, None] & rk_mask[None, :], other=0.0)
+            acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
+        ty = y_ptr.dtype.element_ty
+        y = tl.load(y_ptr + cols, mask=mask, other=0.0)
+        y = tl.where(rank > 0, (y.to(tl.float32) + scale * acc).to(ty), y)
+        r = tl.load(r_ptr + cols, mask=mask, other=0.0)
+        x = (y.to(tl.float32) + r.to(tl.float32)).to(ty)
+        tl.store(total_ptr + cols, x, mask=mask)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _norm_row(total_ptr, w_ptr, out_ptr, N, rstd, BLOCK_C: tl.constexpr):
+        """out = w * dtype(total * rstd) over the row (total, out: pointers to its first column)."""
+        for c0 in range(0, N, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = cols < N
+            x = tl.load(total_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            hn = (x * rstd).to(total_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + cols, (w * hn).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _lora_add_rms_norm_kernel(
@@ -55,50 +89,22 @@ if HAS_TRITON:
         N, stride_y, stride_r, stride_o, stride_t, stride_ht, stride_bs, stride_bn, eps,
         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        # one program per row: every chunk, then the norm
         pdl_start(PDL)
         t = tl.program_id(0)
         row = t.to(tl.int64)
-        slot = tl.load(slot_ptr + t)
-        if HAS_MAP:  # token slot -> this stack's slot (or -1)
-            slot = tl.load(map_ptr + slot + 1)
-        has = slot >= 0
-        slot_c = tl.maximum(slot, 0).to(tl.int64)
-        rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
+        slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
         scale = tl.load(scale_ptr + slot_c)
-        r_offs = tl.arange(0, BLOCK_R)
-        h_row = h_ptr + row * stride_ht
-        ty = y_ptr.dtype.element_ty
         ss = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for c0 in range(0, N, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            mask = cols < N
-            b_rows = b_ptr + slot_c * stride_bs + cols[:, None].to(tl.int64) * stride_bn
-            acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-            for k in range(0, rank, BLOCK_R):  # 0 iterations for a row without this adapter
-                rr = k + r_offs
-                rk_mask = rr < rank
-                hv = tl.load(h_row + rr, mask=rk_mask, other=0.0).to(tl.float32)
-                bv = tl.load(b_rows + rr[None, :], mask=mask[:, None] & rk_mask[None, :], other=0.0)
-                acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
-            y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
-            y = tl.where(rank > 0, (y.to(tl.float32) + scale * acc).to(ty), y)
-            r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-            x = (y.to(tl.float32) + r.to(tl.float32)).to(ty)
-            tl.store(total_ptr + row * stride_t + cols, x, mask=mask)
-            xf = x.to(tl.float32)
+            xf = _chunk_total(y_ptr + row * stride_y, r_ptr + row * stride_r, total_ptr + row * stride_t,
+                              h_ptr + row * stride_ht, b_ptr + slot_c * stride_bs, cols, cols < N, rank, scale,
+                              stride_bn, BLOCK_C, BLOCK_R)
             ss += xf * xf
         rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / N + eps)
-        tl.debug_barrier()  # pass 2 reads back what every thread of the program wrote
-        for c0 in range(0, N, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = cols < N
-            x = tl.load(total_ptr + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
-            hn = (x * rstd).to(ty).to(tl.float32)
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + row * stride_o + cols, (w * hn).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-if HAS_TRITON:
+        tl.debug_barrier()  # the norm reads back what every thread of the program wrote
+        _norm_row(total_ptr + row * stride_t, w_ptr, out_ptr + row * stride_o, N, rstd, BLOCK_C)
 
     @triton.jit
     def _lora_add_rms_norm_split_kernel(
@@ -109,37 +115,18 @@ if HAS_TRITON:
         C_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        # grid (T, C): program (t, c) adds the delta and the residual to chunk c of row t; the
-        # last program of a row to finish sums the C partial squares in order and normalizes it
+        # grid (T, C): program (t, c) does chunk c of row t; the last program of a row to finish
+        # sums the C partial squares in chunk order and normalizes the row
         pdl_start(PDL)
         t = tl.program_id(0)
         c = tl.program_id(1)
         row = t.to(tl.int64)
-        slot = tl.load(slot_ptr + t)
-        if HAS_MAP:
-            slot = tl.load(map_ptr + slot + 1)
-        has = slot >= 0
-        slot_c = tl.maximum(slot, 0).to(tl.int64)
-        rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
+        slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
         scale = tl.load(scale_ptr + slot_c)
-        r_offs = tl.arange(0, BLOCK_R)
-        ty = y_ptr.dtype.element_ty
         cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = cols < N
-        b_rows = b_ptr + slot_c * stride_bs + cols[:, None].to(tl.int64) * stride_bn
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for k in range(0, rank, BLOCK_R):
-            rr = k + r_offs
-            rk_mask = rr < rank
-            hv = tl.load(h_ptr + row * stride_ht + rr, mask=rk_mask, other=0.0).to(tl.float32)
-            bv = tl.load(b_rows + rr[None, :], mask=mask[:, None] & rk_mask[None, :], other=0.0)
-            acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
-        y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
-        y = tl.where(rank > 0, (y.to(tl.float32) + scale * acc).to(ty), y)
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (y.to(tl.float32) + r.to(tl.float32)).to(ty)
-        tl.store(total_ptr + row * stride_t + cols, x, mask=mask)
-        xf = x.to(tl.float32)
+        xf = _chunk_total(y_ptr + row * stride_y, r_ptr + row * stride_r, total_ptr + row * stride_t,
+                          h_ptr + row * stride_ht, b_ptr + slot_c * stride_bs, cols, cols < N, rank, scale,
+                          stride_bn, BLOCK_C, BLOCK_R)
         tl.store(ss_ptr + row * C + c, tl.sum(xf * xf, axis=0))
         tl.debug_barrier()
         done = tl.atomic_add(lock_ptr + t, 1, sem="acq_rel", scope="gpu")
@@ -147,13 +134,7 @@ if HAS_TRITON:
             offs_c = tl.arange(0, C_POW2)
             parts = tl.load(ss_ptr + row * C + offs_c, mask=offs_c < C, other=0.0, cache_modifier=".cg")
             rstd = 1.0 / tl.sqrt(tl.sum(parts, axis=0) / N + eps)
-            for c0 in range(0, N, BLOCK_C):
-                cc = c0 + tl.arange(0, BLOCK_C)
-                m = cc < N
-                xv = tl.load(total_ptr + row * stride_t + cc, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-                hn = (xv * rstd).to(ty).to(tl.float32)
-                w = tl.load(w_ptr + cc, mask=m, other=0.0).to(tl.float32)
-                tl.store(out_ptr + row * stride_o + cc, (w * hn).to(out_ptr.dtype.element_ty), mask=m)
+            _norm_row(total_ptr + row * stride_t, w_ptr, out_ptr + row * stride_o, N, rstd, BLOCK_C)
             tl.atomic_xchg(lock_ptr + t, 0)  # re-arm for the next launch
 
 
