@@ -8,8 +8,9 @@ Per projection, for the tokens of each slot (one launch per kind, any mix of met
   y   += scaling[slot] * B[slot] (A[slot] x_in)           (LoRA, rsLoRA, AdaLoRA, DoRA, mixes)
   y    = y * out_scale[slot] + out_add[slot]              (IA3, DoRA, BitFit)
   y   += up[slot](act(down[slot] y + bd[slot])) + bu[slot] (bottleneck)
-`linear_add_rms_norm` is `linear` then the layer's residual add and norm; a LoRA-only
-projection runs its expand inside the norm kernel (kernels/lora_norm.py).
+`linear_add_rms_norm` is `linear` then the layer's residual add and norm, `group_rope_kv` is
+`group_linear` then rope_kv: for LoRA-only projections the expand runs inside the norm kernel
+(kernels/lora_norm.py) or the rotary kernel (kernels/lora_rope.py).
 For a fused projection group (q|k|v, gate|up: server/fuse.py) `group_linear` does the same
 for all members at once, their LoRAs in two launches (kernels/lora_group.py).
 The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on CPU.
@@ -27,9 +28,11 @@ from quiver.adapters.pool import LowRankStack, SlotPool
 from quiver.kernels import add_by_slot, lora_expand, lora_shrink, scale_by_slot
 from quiver.kernels.fused import add_rms_norm
 from quiver.kernels.lora_norm import lora_add_rms_norm
-from quiver.kernels.lora_group import GroupMember, lora_group
+from quiver.kernels.lora_group import GroupMember, group_shrink, lora_group
+from quiver.kernels.lora_rope import group_expand_rope_kv
 
-FUSE_LORA_NORM = os.environ.get("QUIVER_LORA_NORM", "1") != "0"  # 0: expand and norm as two kernels (A/B runs)
+# 0: a LoRA expand stays a launch of its own, not fused into the norm / rotary kernel after it (A/B runs)
+FUSE_LORA_NORM = os.environ.get("QUIVER_LORA_FUSE", "1") != "0"
 
 
 class AdapterBatch:
@@ -76,10 +79,9 @@ class AdapterBatch:
                             residual: torch.Tensor, weight: torch.Tensor, eps: float):
         """add_rms_norm(linear(...), residual): when LoRA is the projection's only adapter kind in
         the pool, its expand, the residual add and the norm are one kernel (kernels/lora_norm.py)."""
-        key, pool = (layer, name), self.pool
-        st = pool.lora.get(key)
-        if (not FUSE_LORA_NORM or st is None or key in pool.out_scale or key in pool.out_add
-                or key in pool.bottleneck):
+        key = (layer, name)
+        st = self.pool.lora.get(key)
+        if not self.lora_only(layer, (name,)):
             return add_rms_norm(self.linear(layer, name, x, y), residual, weight, eps)
         h = lora_shrink(x, st.a, self.token_slot, st.ranks, slot_map=st.present, out=self.shrink_out.get(key))
         return lora_add_rms_norm(h, st.b, self.token_slot, st.ranks, st.scaling, y, residual, weight, eps,
@@ -89,16 +91,37 @@ class AdapterBatch:
                      widths: list[int]) -> list[torch.Tensor]:
         """`linear` for every member of a fused projection group at once: y [T, sum(widths)] is
         the fused matmul's output; the LoRAs of all members take 2 launches (kernels/lora_group.py)."""
-        keys = [(layer, n) for n in names]
-        members, col = [], 0
-        for key, width in zip(keys, widths):
-            st = self.pool.lora.get(key)
-            if st is not None:
-                members.append(GroupMember(st.a, st.b, st.ranks, st.scaling, st.present, self.shrink_out[key], col))
-            col += width
+        members = self._members(layer, names, widths)
         if members:
             lora_group(x, self.token_slot, members, y)
-        return [self._after_lora(key, part) for key, part in zip(keys, y.split(widths, dim=-1))]
+        return [self._after_lora((layer, n), part) for n, part in zip(names, y.split(widths, dim=-1))]
+
+    def _members(self, layer: int, names: tuple[str, ...], widths: list[int]) -> list[GroupMember]:
+        members, col = [], 0
+        for name, width in zip(names, widths):
+            st = self.pool.lora.get((layer, name))
+            if st is not None:
+                members.append(GroupMember(st.a, st.b, st.ranks, st.scaling, st.present, self.shrink_out[(layer, name)],
+                                           col))
+            col += width
+        return members
+
+    def lora_only(self, layer: int, names: tuple[str, ...]) -> bool:
+        """Whether LoRA is the only adapter kind on these projections (and one of them has it):
+        then its expand can run inside the kernel that follows (kernels/lora_norm.py, lora_rope.py)."""
+        pool = self.pool
+        keys = [(layer, n) for n in names]
+        return (FUSE_LORA_NORM and any(k in pool.lora for k in keys)
+                and not any(k in pool.in_scale or k in pool.out_scale or k in pool.out_add or k in pool.bottleneck
+                            for k in keys))
+
+    def group_rope_kv(self, layer: int, names: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
+                      widths: list[int], cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+        """rope_kv(*group_linear(...)) for a q|k|v group whose adapters are LoRA only (lora_only):
+        one shrink launch, then the expand and the rotary + cache write in one (kernels/lora_rope.py)."""
+        members = self._members(layer, names, widths)
+        group_shrink(x, self.token_slot, members)
+        return group_expand_rope_kv(x, self.token_slot, members, y, widths, cos, sin, k_cache, v_cache, slot_mapping)
 
     def _after_lora(self, key, y: torch.Tensor) -> torch.Tensor:
         pool = self.pool
