@@ -123,13 +123,23 @@ def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[G
         return y
     triton_group_shrink(x, token_slot, members, block_k=shrink_block_k, max_block_r=shrink_max_block_r,
                         target=shrink_target, num_warps=shrink_num_warps)
+    return triton_group_expand(token_slot, members, y, block_n=expand_block_n, block_r=expand_block_r,
+                               num_warps=expand_num_warps)
+
+
+def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y: torch.Tensor, *,
+                        block_n: int | None = None, block_r: int = BGMV_EXPAND_BLOCK_R,
+                        num_warps: int | None = None) -> torch.Tensor:
+    """The expand half of lora_group (every m.h already filled), in one launch; y in place."""
+    T = y.shape[0]
+    if T == 0:
+        return y
     tile_n, tile_warps = bgmv_expand_tile(members[0].a.shape[1])
-    block_n, expand_num_warps = expand_block_n or tile_n, expand_num_warps or tile_warps
-    with _device_ctx(x):
-        _group_expand_kernel[(x.shape[0], expand_blocks(members, block_n))](
+    block_n, num_warps = block_n or tile_n, num_warps or tile_warps
+    with _device_ctx(y):
+        _group_expand_kernel[(T, expand_blocks(members, block_n))](
             token_slot, y, *expand_args(members, block_n), y.stride(0),
-            BLOCK_N=block_n, BLOCK_R=expand_block_r, num_warps=expand_num_warps,
-            **pdl_kwargs(y))
+            BLOCK_N=block_n, BLOCK_R=block_r, num_warps=num_warps, **pdl_kwargs(y))
     return y
 
 

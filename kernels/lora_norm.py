@@ -149,11 +149,10 @@ def triton_lora_add_rms_norm(h, b_stack, token_slot, ranks, scaling, y, residual
     assert tuple(residual.shape) == (T, N) and tuple(weight.shape) == (N,), "residual [T, N] and weight [N]"
     out = torch.empty((T, N), dtype=y.dtype, device=y.device)
     total = torch.empty_like(out)
-    C = triton.cdiv(N, block_c)
-    if T and split and C > 1:
-        from .nf4 import LOCKS_SIZE, _tile_locks
+    from .nf4 import LOCKS_SIZE, _tile_locks
 
-        assert T <= LOCKS_SIZE, f"T={T} rows"
+    C = triton.cdiv(N, block_c)
+    if T and split and C > 1 and T <= LOCKS_SIZE:  # (more rows than counters: one program per row)
         ss = torch.empty((T, C), dtype=torch.float32, device=y.device)
         with _device_ctx(y):
             _lora_add_rms_norm_split_kernel[(T, C)](

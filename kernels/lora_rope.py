@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .fused import _rows, reference_rope_kv
+from .fused import _rows, reference_rope_kv, triton_rope_kv
 from .lora import BGMV_EXPAND_BLOCK_R, HAS_TRITON, _device_ctx, bgmv_expand_tile, reference_lora_expand, use_triton
-from .lora_group import GroupMember, _check, expand_args, expand_blocks
+from .lora_group import GroupMember, _check, expand_args, expand_blocks, triton_group_expand
 from .pdl import pdl_kwargs, pdl_start
 
 if HAS_TRITON:
@@ -80,7 +80,10 @@ def triton_group_expand_rope_kv(token_slot: torch.Tensor, members: list[GroupMem
     assert D % 2 == 0 and sin.shape == cos.shape and sin.stride() == cos.stride()
     H, KVH = widths[0] // D, widths[1] // D
     assert widths[1] == widths[2] and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert tuple(k_cache.shape[1:]) == (KVH, D) and T <= LOCKS_SIZE
+    assert tuple(k_cache.shape[1:]) == (KVH, D)
+    if T > LOCKS_SIZE:  # more rows than counters (a long prefill): the two launches
+        triton_group_expand(token_slot, members, y)
+        return triton_rope_kv(*y.split(widths, dim=-1), cos, sin, k_cache, v_cache, slot_mapping)
     q_out = torch.empty((T, H * D), dtype=y.dtype, device=y.device)
     if T == 0:
         return q_out

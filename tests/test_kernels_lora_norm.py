@@ -106,3 +106,15 @@ def test_gpu_matches_the_unfused_kernels(dtype):
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=2 * ulp, atol=2 * ulp)
     # nearly every element is bit-identical: only the norm's sum order differs
     assert (total == ref_total).float().mean() > 0.99
+
+
+@needs_triton
+def test_more_rows_than_counters_runs_a_program_per_row(monkeypatch):
+    from quiver.kernels import nf4
+
+    d, ts, sm = case(N=1100)
+    ref_out, ref_total = unfused(d, ts, sm, L.reference_lora_expand, F.reference_add_rms_norm)
+    monkeypatch.setattr(nf4, "LOCKS_SIZE", 2)
+    out, total = LN.triton_lora_add_rms_norm(**d, token_slot=ts, eps=1e-5, slot_map=sm)
+    torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, ref_out, rtol=2e-6, atol=2e-6)

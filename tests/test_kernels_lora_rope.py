@@ -101,3 +101,16 @@ def test_gpu_bit_identical_to_unfused_kernels():
     q = LR.triton_group_expand_rope_kv(ts, members, y_out, widths, cos, sin, caches[2], caches[3], slots)
     assert torch.equal(y_out, y_ref) and torch.equal(q, q_ref)
     assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+@needs_triton
+def test_more_rows_than_counters_takes_the_two_launches(monkeypatch):
+    from quiver.kernels import nf4
+
+    x, ts, members, y, widths, cos, sin, slots, caches = case()
+    q_ref, y_ref = _run(LR.reference_group_expand_rope_kv, x, ts, members, y, widths, cos, sin, slots, *caches[:2])
+    monkeypatch.setattr(nf4, "LOCKS_SIZE", 2)
+    q, y_out = _run(LR.triton_group_expand_rope_kv, x, ts, members, y, widths, cos, sin, slots, *caches[2:])
+    torch.testing.assert_close(y_out, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q, q_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(caches[2], caches[0], rtol=1e-6, atol=1e-6)
