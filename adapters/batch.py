@@ -31,8 +31,9 @@ from quiver.kernels.lora_norm import lora_add_rms_norm
 from quiver.kernels.lora_group import GroupMember, group_shrink, lora_group
 from quiver.kernels.lora_rope import group_expand_rope_kv
 
-# 0: a LoRA expand stays a launch of its own, not fused into the norm / rotary kernel after it (A/B runs)
-FUSE_LORA_NORM = os.environ.get("QUIVER_LORA_FUSE", "1") != "0"
+# 1: a LoRA-only projection's expand runs inside the norm / rotary kernel after it (kernels/lora_norm.py,
+# lora_rope.py); 0 (default): separate launches
+FUSE_LORA_NORM = os.environ.get("QUIVER_LORA_FUSE", "0") == "1"
 
 
 class AdapterBatch:
