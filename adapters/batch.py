@@ -8,9 +8,6 @@ Per projection, for the tokens of each slot (one launch per kind, any mix of met
   y   += scaling[slot] * B[slot] (A[slot] x_in)           (LoRA, rsLoRA, AdaLoRA, DoRA, mixes)
   y    = y * out_scale[slot] + out_add[slot]              (IA3, DoRA, BitFit)
   y   += up[slot](act(down[slot] y + bd[slot])) + bu[slot] (bottleneck)
-`linear_add_rms_norm` is `linear` then the layer's residual add and norm, `group_rope_kv` is
-`group_linear` then rope_kv: for LoRA-only projections the expand runs inside the norm kernel
-(kernels/lora_norm.py) or the rotary kernel (kernels/lora_rope.py).
 For a fused projection group (q|k|v, gate|up: server/fuse.py) `group_linear` does the same
 for all members at once, their LoRAs in two launches (kernels/lora_group.py).
 The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on CPU.
@@ -18,22 +15,13 @@ The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from quiver.adapters.bottleneck import ACTIVATIONS
 from quiver.adapters.pool import ACT_NAMES
 from quiver.adapters.pool import LowRankStack, SlotPool
 from quiver.kernels import add_by_slot, lora_expand, lora_shrink, scale_by_slot
-from quiver.kernels.fused import add_rms_norm
-from quiver.kernels.lora_norm import lora_add_rms_norm
-from quiver.kernels.lora_group import GroupMember, group_shrink, lora_group
-from quiver.kernels.lora_rope import group_expand_rope_kv
-
-# 1: a LoRA-only projection's expand runs inside the norm / rotary kernel after it (kernels/lora_norm.py,
-# lora_rope.py); 0 (default): separate launches
-FUSE_LORA_NORM = os.environ.get("QUIVER_LORA_FUSE", "0") == "1"
+from quiver.kernels.lora_group import GroupMember, lora_group
 
 
 class AdapterBatch:
@@ -76,53 +64,20 @@ class AdapterBatch:
             lora_expand(h, st.b, self.token_slot, st.ranks, st.scaling, y, slot_map=st.present)
         return self._after_lora(key, y)
 
-    def linear_add_rms_norm(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor,
-                            residual: torch.Tensor, weight: torch.Tensor, eps: float):
-        """add_rms_norm(linear(...), residual): when LoRA is the projection's only adapter kind in
-        the pool, its expand, the residual add and the norm are one kernel (kernels/lora_norm.py)."""
-        key = (layer, name)
-        st = self.pool.lora.get(key)
-        if not self.lora_only(layer, (name,)):
-            return add_rms_norm(self.linear(layer, name, x, y), residual, weight, eps)
-        h = lora_shrink(x, st.a, self.token_slot, st.ranks, slot_map=st.present, out=self.shrink_out.get(key))
-        return lora_add_rms_norm(h, st.b, self.token_slot, st.ranks, st.scaling, y, residual, weight, eps,
-                                 slot_map=st.present)
-
     def group_linear(self, layer: int, names: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
                      widths: list[int]) -> list[torch.Tensor]:
         """`linear` for every member of a fused projection group at once: y [T, sum(widths)] is
         the fused matmul's output; the LoRAs of all members take 2 launches (kernels/lora_group.py)."""
-        members = self._members(layer, names, widths)
+        keys = [(layer, n) for n in names]
+        members, col = [], 0
+        for key, width in zip(keys, widths):
+            st = self.pool.lora.get(key)
+            if st is not None:
+                members.append(GroupMember(st.a, st.b, st.ranks, st.scaling, st.present, self.shrink_out[key], col))
+            col += width
         if members:
             lora_group(x, self.token_slot, members, y)
-        return [self._after_lora((layer, n), part) for n, part in zip(names, y.split(widths, dim=-1))]
-
-    def _members(self, layer: int, names: tuple[str, ...], widths: list[int]) -> list[GroupMember]:
-        members, col = [], 0
-        for name, width in zip(names, widths):
-            st = self.pool.lora.get((layer, name))
-            if st is not None:
-                members.append(GroupMember(st.a, st.b, st.ranks, st.scaling, st.present, self.shrink_out[(layer, name)],
-                                           col))
-            col += width
-        return members
-
-    def lora_only(self, layer: int, names: tuple[str, ...]) -> bool:
-        """Whether LoRA is the only adapter kind on these projections (and one of them has it):
-        then its expand can run inside the kernel that follows (kernels/lora_norm.py, lora_rope.py)."""
-        pool = self.pool
-        keys = [(layer, n) for n in names]
-        return (FUSE_LORA_NORM and any(k in pool.lora for k in keys)
-                and not any(k in pool.in_scale or k in pool.out_scale or k in pool.out_add or k in pool.bottleneck
-                            for k in keys))
-
-    def group_rope_kv(self, layer: int, names: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
-                      widths: list[int], cos, sin, k_cache, v_cache, slot_mapping) -> torch.Tensor:
-        """rope_kv(*group_linear(...)) for a q|k|v group whose adapters are LoRA only (lora_only):
-        one shrink launch, then the expand and the rotary + cache write in one (kernels/lora_rope.py)."""
-        members = self._members(layer, names, widths)
-        group_shrink(x, self.token_slot, members)
-        return group_expand_rope_kv(x, self.token_slot, members, y, widths, cos, sin, k_cache, v_cache, slot_mapping)
+        return [self._after_lora(key, part) for key, part in zip(keys, y.split(widths, dim=-1))]
 
     def _after_lora(self, key, y: torch.Tensor) -> torch.Tensor:
         pool = self.pool

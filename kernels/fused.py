@@ -115,9 +115,8 @@ if HAS_TRITON:
     def _rope_heads(x_ptr, dst_ptr, c, s, offs_h, offs_d, partner, sign, n_heads, D, stride_dst_h):
         # x [n_heads, D] of one token -> dst (same layout): x * cos + rotate_half(x) * sin
         mask = (offs_h[:, None] < n_heads) & (offs_d[None, :] < D)
-        # .cg: a fused caller (kernels/lora_rope.py) reads rows other programs have just written
-        x = tl.load(x_ptr + offs_h[:, None] * D + offs_d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        xp = tl.load(x_ptr + offs_h[:, None] * D + partner[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        x = tl.load(x_ptr + offs_h[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+        xp = tl.load(x_ptr + offs_h[:, None] * D + partner[None, :], mask=mask, other=0.0)
         ty = x_ptr.dtype.element_ty
         rot = (xp.to(tl.float32) * sign[None, :]).to(ty)
         a = (x.to(tl.float32) * c[None, :]).to(ty).to(tl.float32)
@@ -129,14 +128,7 @@ if HAS_TRITON:
                         H, KVH, D, stride_q, stride_k, stride_v, stride_cs,
                         BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
         pdl_start(PDL)
-        _rope_kv_row(q_ptr, qo_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, tl.program_id(0).to(tl.int64),
-                     H, KVH, D, stride_q, stride_k, stride_v, stride_cs, BLOCK_H, BLOCK_KVH, BLOCK_D)
-
-    @triton.jit
-    def _rope_kv_row(q_ptr, qo_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, t,
-                     H, KVH, D, stride_q, stride_k, stride_v, stride_cs,
-                     BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_D: tl.constexpr):
-        # token t: q rotated into qo, k rotated into its cache row, v copied into its cache row
+        t = tl.program_id(0).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         half = D // 2
@@ -144,18 +136,14 @@ if HAS_TRITON:
         sign = tl.where(offs_d < half, -1.0, 1.0)
         c = tl.load(cos_ptr + t * stride_cs + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + t * stride_cs + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        for h0 in range(0, H, BLOCK_H):  # BLOCK_H heads at a time (all of them in rope_kv)
-            _rope_heads(q_ptr + t * stride_q + h0 * D, qo_ptr + t * H * D + h0 * D, c, s, tl.arange(0, BLOCK_H),
-                        offs_d, partner, sign, H - h0, D, D)
+        _rope_heads(q_ptr + t * stride_q, qo_ptr + t * H * D, c, s, tl.arange(0, BLOCK_H), offs_d, partner, sign, H, D, D)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         offs_kh = tl.arange(0, BLOCK_KVH)
-        for h0 in range(0, KVH, BLOCK_KVH):
-            k_dst = kc_ptr + slot * KVH * D + h0 * D
-            _rope_heads(k_ptr + t * stride_k + h0 * D, k_dst, c, s, offs_kh, offs_d, partner, sign, KVH - h0, D, D)
-            mask = (offs_kh[:, None] < KVH - h0) & d_ok[None, :]
-            tile = (h0 + offs_kh[:, None]) * D + offs_d[None, :]
-            v = tl.load(v_ptr + t * stride_v + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(vc_ptr + slot * KVH * D + tile, v, mask=mask)
+        _rope_heads(k_ptr + t * stride_k, kc_ptr + slot * KVH * D, c, s, offs_kh, offs_d, partner, sign, KVH, D, D)
+        mask = (offs_kh[:, None] < KVH) & d_ok[None, :]
+        tile = offs_kh[:, None] * D + offs_d[None, :]
+        v = tl.load(v_ptr + t * stride_v + tile, mask=mask, other=0.0)
+        tl.store(vc_ptr + slot * KVH * D + tile, v, mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr = False):

@@ -79,25 +79,17 @@ if HAS_TRITON:
                              n0, n1, n2, c0, c1, c2, nb0, nb1, stride_ht, stride_bs0, stride_bs1, stride_bs2,
                              stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
         pdl_start(PDL)
-        _group_expand_block(slot_ptr, y_ptr, h0, h1, h2, b0, b1, b2, m0, m1, m2, r0, r1, r2, s0, s1, s2, n0, n1, n2,
-                            c0, c1, c2, nb0, nb1, stride_ht, stride_bs0, stride_bs1, stride_bs2, stride_bn, stride_yt,
-                            tl.program_id(0), tl.program_id(1), BLOCK_N, BLOCK_R)
-
-    @triton.jit
-    def _group_expand_block(slot_ptr, y_ptr, h0, h1, h2, b0, b1, b2, m0, m1, m2, r0, r1, r2, s0, s1, s2,
-                            n0, n1, n2, c0, c1, c2, nb0, nb1, stride_ht, stride_bs0, stride_bs1, stride_bs2,
-                            stride_bn, stride_yt, t, pid_n, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        # column block pid_n of row t: member g's expand over its columns of y
+        pid_n = tl.program_id(1)
         g = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb0 + nb1).to(tl.int32)
         first = _pick(g, 0, nb0, nb0 + nb1)
         col = _pick(g, c0, c1, c2)
         _bgmv_expand_body(_pick(g, h0, h1, h2), _pick(g, b0, b1, b2), slot_ptr, _pick(g, m0, m1, m2),
-                          _pick(g, r0, r1, r2), _pick(g, s0, s1, s2), y_ptr + col, t, pid_n - first,
+                          _pick(g, r0, r1, r2), _pick(g, s0, s1, s2), y_ptr + col, tl.program_id(0), pid_n - first,
                           _pick(g, n0, n1, n2), stride_ht, _pick(g, stride_bs0, stride_bs1, stride_bs2), stride_bn,
                           stride_yt, BLOCK_N, BLOCK_R, True)
 
 
-def _check(x, token_slot, members, y=None) -> None:
+def _check(x, token_slot, members, y) -> None:
     assert 1 <= len(members) <= MAX_MEMBERS, f"1 to {MAX_MEMBERS} members"
     T = x.shape[0]
     a0 = members[0].a
@@ -105,8 +97,8 @@ def _check(x, token_slot, members, y=None) -> None:
         assert m.a.shape == a0.shape and m.a.stride() == a0.stride() and m.a.dtype == x.dtype, "a stacks differ"
         assert m.b.is_contiguous() and m.b.shape[2] == a0.shape[1] and m.b.stride(1) == members[0].b.stride(1)
         assert m.h.shape == (T, a0.shape[1]) and m.h.dtype == torch.float32 and m.h.stride() == members[0].h.stride()
-        assert y is None or 0 <= m.col and m.col + m.b.shape[1] <= y.shape[1]
-    assert x.stride(-1) == 1 and (y is None or y.stride(-1) == 1) and token_slot.dtype == torch.int32
+        assert 0 <= m.col and m.col + m.b.shape[1] <= y.shape[1]
+    assert x.stride(-1) == 1 and y.stride(-1) == 1 and token_slot.dtype == torch.int32
 
 
 def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember],
@@ -119,74 +111,34 @@ def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[G
     """Keyword arguments are tuning knobs (kernels/bench_lora_group.py sweeps them); the
     defaults are kernels/lora.py's BGMV constants and bgmv_expand_tile(pool rank)."""
     _check(x, token_slot, members, y)
-    if x.shape[0] == 0:
-        return y
-    triton_group_shrink(x, token_slot, members, block_k=shrink_block_k, max_block_r=shrink_max_block_r,
-                        target=shrink_target, num_warps=shrink_num_warps)
-    return triton_group_expand(token_slot, members, y, block_n=expand_block_n, block_r=expand_block_r,
-                               num_warps=expand_num_warps)
-
-
-def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y: torch.Tensor, *,
-                        block_n: int | None = None, block_r: int = BGMV_EXPAND_BLOCK_R,
-                        num_warps: int | None = None) -> torch.Tensor:
-    """The expand half of lora_group (every m.h already filled), in one launch; y in place."""
-    T = y.shape[0]
-    if T == 0:
-        return y
-    tile_n, tile_warps = bgmv_expand_tile(members[0].a.shape[1])
-    block_n, num_warps = block_n or tile_n, num_warps or tile_warps
-    with _device_ctx(y):
-        _group_expand_kernel[(T, expand_blocks(members, block_n))](
-            token_slot, y, *expand_args(members, block_n), y.stride(0),
-            BLOCK_N=block_n, BLOCK_R=block_r, num_warps=num_warps, **pdl_kwargs(y))
-    return y
-
-
-def triton_group_shrink(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember], *,
-                        block_k: int = BGMV_SHRINK_BLOCK_K, max_block_r: int = BGMV_SHRINK_MAX_BLOCK_R,
-                        target: int = BGMV_SHRINK_TARGET_PROGRAMS, num_warps: int = BGMV_SHRINK_NUM_WARPS) -> None:
-    """The shrink half of lora_group: every member's m.h, in one launch."""
-    _check(x, token_slot, members)
     T, H_in = x.shape
     if T == 0:
-        return
+        return y
     ms = members + [members[0]] * (MAX_MEMBERS - len(members))  # padding members are never picked
     G = len(members)
     R = members[0].a.shape[1]
-    block_r = min(_next_pow2(R), max_block_r)
+    block_r = min(_next_pow2(R), shrink_max_block_r)
     n_rb = _cdiv(R, block_r)
-    split_k = _split_k(T * n_rb * G, H_in, block_k, target, BGMV_SHRINK_MAX_SPLIT_K)
+    block_k = shrink_block_k
+    split_k = _split_k(T * n_rb * G, H_in, block_k, shrink_target, BGMV_SHRINK_MAX_SPLIT_K)
     k_per_split = _cdiv(_cdiv(H_in, split_k), block_k) * block_k
     a = members[0].a
+    tile_n, tile_warps = bgmv_expand_tile(R)
+    block_n, expand_num_warps = expand_block_n or tile_n, expand_num_warps or tile_warps
+    nbs = [_cdiv(m.b.shape[1], block_n) for m in ms]
     with _device_ctx(x):
         _group_shrink_kernel[(T, n_rb, split_k * G)](
             x, token_slot, *[m.a for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.h for m in ms], H_in, k_per_split, x.stride(0), a.stride(0), a.stride(1), members[0].h.stride(0),
-            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=num_warps,
+            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=shrink_num_warps,
             **pdl_kwargs(x))
-
-
-def group_shrink(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember]) -> None:
-    """Every member's m.h = its shrink of x (Triton for CUDA tensors, else lora_shrink per member)."""
-    if use_triton(x, token_slot):
-        return triton_group_shrink(x, token_slot, members)
-    for m in members:
-        lora_shrink(x, m.a, token_slot, m.ranks, slot_map=m.slot_map, out=m.h)
-
-
-def expand_blocks(members: list[GroupMember], block_n: int) -> int:
-    """Column blocks of the group expand's grid (all members)."""
-    return sum(_cdiv(m.b.shape[1], block_n) for m in members)
-
-
-def expand_args(members: list[GroupMember], block_n: int) -> list:
-    """The members' arguments of _group_expand_block (padded to MAX_MEMBERS), h0 .. stride_bn."""
-    ms = members + [members[0]] * (MAX_MEMBERS - len(members))  # padding members are never picked
-    nbs = [_cdiv(m.b.shape[1], block_n) for m in ms]
-    return [*[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
+        _group_expand_kernel[(T, sum(nbs[:G]))](
+            token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
-            members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1)]
+            members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
+            BLOCK_N=block_n, BLOCK_R=expand_block_r, num_warps=expand_num_warps,
+            **pdl_kwargs(y))
+    return y
 
 
 def lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember], y: torch.Tensor) -> torch.Tensor:

@@ -120,36 +120,15 @@ class DecoderLayer(nn.Module):
             return list(y.split(widths, dim=-1))
         return ad.group_linear(self.index, names, x, y, widths)
 
-    def qkv_rope(self, x: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
-                 sin: torch.Tensor) -> torch.Tensor:
-        """Rotated q of the q|k|v group (k, v written to the cache); a fused LoRA-only group has
-        its expand inside the rotary kernel (kernels/lora_rope.py)."""
-        kc, vc = kv.k[self.index], kv.v[self.index]
-        ad, names = batch.adapters, GROUPS["qkv"]
-        if ad is not None and "qkv" in self.fused and ad.lora_only(self.index, names):
-            widths = [self.proj[n].out_features for n in names]
-            return ad.group_rope_kv(self.index, names, x, self.fused["qkv"](x), widths, cos, sin, kc, vc,
-                                    batch.slot_mapping)
-        q, k, v = self.group("qkv", x, batch)
-        return rope_kv(q, k, v, cos, sin, kc, vc, batch.slot_mapping)
-
-    def o_proj_add_norm(self, attn: torch.Tensor, h: torch.Tensor, batch: StepBatch):
-        """(post-attention norm of o_proj(attn) + h, o_proj(attn) + h), the projection with its
-        adapters; a LoRA-only o_proj has its expand inside the norm kernel (kernels/lora_norm.py)."""
-        if batch.adapters is None:
-            return add_rms_norm(self.proj["o_proj"](attn), h, self.post_norm, self.eps)
-        x = batch.adapters.pre_linear(self.index, "o_proj", attn)
-        return batch.adapters.linear_add_rms_norm(self.index, "o_proj", x, self.proj["o_proj"](x), h,
-                                                  self.post_norm, self.eps)
-
     def forward(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         # norms, rotary + cache write and silu*mul are fused kernels on CUDA (quiver.kernels.fused)
         T = h.shape[0]
         x = rms_norm(h, self.input_norm, self.eps)
-        q = self.qkv_rope(x, batch, kv, cos, sin)
+        q, k, v = self.group("qkv", x, batch)
+        q = rope_kv(q, k, v, cos, sin, kv.k[self.index], kv.v[self.index], batch.slot_mapping)
         attn = paged_attention(q.view(T, self.n_heads, self.head_dim), kv.k[self.index], kv.v[self.index], batch)
-        x, h = self.o_proj_add_norm(attn, h, batch)
+        x, h = add_rms_norm(self.linear("o_proj", attn, batch), h, self.post_norm, self.eps)
         act = silu_mul(*self.group("gate_up", x, batch))
         return h + self.linear("down_proj", act, batch)
 

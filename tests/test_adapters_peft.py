@@ -120,49 +120,6 @@ def test_all_methods_in_one_mixed_batch(fp32_model, fused_fp32_model, suite, fus
     assert engine.blocks.num_free + sum(len(b) for b in manager.prefix_blocks.values()) == engine.blocks.num_blocks
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["expand_launches", "expand_fused"])
-def test_lora_only_batch_with_fused_expands(fp32_model, fused_fp32_model, suite, monkeypatch, fuse):
-    """LoRA-family adapters only (LoRA on all 7 projections, rsLoRA, AdaLoRA) on the fused
-    model: with QUIVER_LORA_FUSE the q|k|v expand runs in the rotary kernel and o_proj's in the
-    norm kernel (kernels/lora_rope.py, lora_norm.py); both ways match PEFT."""
-    import quiver.adapters.batch as batch_mod
-
-    root, ids, expected = suite
-    monkeypatch.setattr(batch_mod, "FUSE_LORA_NORM", fuse)
-    calls = {"rope": 0, "norm": 0}
-    for fn, key in (("group_expand_rope_kv", "rope"), ("lora_add_rms_norm", "norm")):
-        real = getattr(batch_mod, fn)
-
-        def spy(*a, _real=real, _key=key, **kw):
-            calls[_key] += 1
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(batch_mod, fn, spy)
-    engine, manager = make_engine(fused_fp32_model, root)
-    rows = capture_logits(engine)
-    methods = ["lora", "rslora", "adalora"]
-    handles = [(m, i, engine.submit(i, SamplingParams(max_new_tokens=NEW), adapter=manager.resolve(m)))
-               for i in ids for m in methods]
-    handles += [(None, i, engine.submit(i, SamplingParams(max_new_tokens=NEW))) for i in ids]
-    inbox, engine._inbox = engine._inbox, []
-    engine._take(inbox)
-    run_to_completion(engine)
-    for method, i, h in handles:
-        res = h.result()
-        assert res.error is None, (method, res.error)
-        if method is None:
-            assert res.token_ids == hf_greedy(fp32_model, i, NEW)
-            continue
-        want_logits, want_tokens = expected[(method, tuple(i))]
-        diff = (rows[h.seq.request_id][0] - want_logits).abs().max().item()
-        assert diff <= ATOL and res.token_ids == want_tokens, (method, diff)
-    n_layers = fused_fp32_model.model.n_layers
-    if fuse:  # every layer of every step with adapters took both fused paths
-        assert calls["rope"] >= n_layers and calls["rope"] == calls["norm"]
-    else:
-        assert calls == {"rope": 0, "norm": 0}
-
-
 def test_adapters_change_the_output(suite, fp32_model):
     root, ids, expected = suite
     base = hf_greedy(fp32_model, ids[1], NEW)
