@@ -281,6 +281,30 @@ def test_engine_survives_a_failing_step(fp32_model):
         engine.shutdown()
 
 
+def test_lora_rows_of_an_adapter_on_every_layer():
+    """An adapter with one rank on every layer is staged by two bulk conversions: the rows equal
+    the layer-by-layer build, every element written (the buffer starts as garbage)."""
+    from quiver.adapters import staging
+    from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
+
+    g = torch.Generator().manual_seed(0)
+    L, r, R = 3, 3, 5
+    w = AdapterWeights(AdapterInfo("all", "lora", rank=r), lora={
+        (layer, "q_proj"): LoraDelta(torch.randn(r, 16, generator=g), torch.randn(24, r, generator=g), 0.5 + layer)
+        for layer in range(L)})
+
+    def garbage(shape, dt):
+        return torch.full(shape, True if dt == torch.bool else 7 if not dt.is_floating_point else float("nan"), dtype=dt)
+
+    a, b, ranks, scaling, has = staging.lora_rows(w, "q_proj", L, R, torch.bfloat16, alloc=garbage)
+    want_a, want_b = torch.zeros(L, R, 16, dtype=torch.bfloat16), torch.zeros(L, 24, R, dtype=torch.bfloat16)
+    for layer in range(L):
+        d = w.lora[(layer, "q_proj")]
+        want_a[layer, :r], want_b[layer, :, :r] = d.a, d.b
+    assert torch.equal(a, want_a) and torch.equal(b, want_b)
+    assert ranks.tolist() == [r] * L and has.tolist() == [True] * L and scaling.tolist() == [0.5, 1.5, 2.5]
+
+
 def test_staged_adapter_loads_the_same_slot_rows():
     """staging.stage (serving dtype, rows padded to the pool rank, one buffer) fills a slot
     exactly as loading the float32 tensors does; banks hold every layer, -1 where the adapter
