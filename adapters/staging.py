@@ -46,7 +46,6 @@ def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: tor
     a = alloc((n_layers, rank, in_f), dtype)
     b = alloc((n_layers, out_f, rank), dtype)
     ranks, scaling, has = alloc((n_layers,), torch.int32), alloc((n_layers,), torch.float32), alloc((n_layers,), torch.bool)
-    ranks.fill_(1), scaling.zero_(), has.zero_()
     r0 = d0.rank
     if BULK_ROWS and a.device.type != "meta" and len(deltas) == n_layers and all(d.rank == r0 for d in deltas.values()):
         # every layer at one rank (the usual adapter): two large conversions instead of 2 per layer
@@ -59,6 +58,7 @@ def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: tor
         ranks.fill_(r0), has.fill_(True)
         scaling.copy_(torch.tensor([float(d.scale) for d in order]))
         return a, b, ranks, scaling, has
+    ranks.fill_(1), scaling.zero_(), has.zero_()
     for layer in range(n_layers):
         d = deltas.get(layer)
         r = 0 if d is None else d.rank

@@ -14,12 +14,15 @@ from quiver.adapters.lora import save_lora
 from quiver.adapters.methods import load_adapter
 from quiver.adapters.staging import stage
 from quiver.adapters.pool import SlotPool
-from quiver.loadtest.bench_engine import random_lora
+from quiver.loadtest.bench_engine import LLAMA2_7B, random_lora
 if not torch.cuda.is_available():
     sys.exit("bench_cold_load needs a CUDA device")
-shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
-          "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
-base = BaseSpec(32, 4096, 32, 128, shapes)
+H, I, L = LLAMA2_7B["hidden_size"], LLAMA2_7B["intermediate_size"], LLAMA2_7B["num_hidden_layers"]
+heads, kv_heads = LLAMA2_7B["num_attention_heads"], LLAMA2_7B["num_key_value_heads"]
+D = H // heads
+shapes = {"q_proj": (H, H), "k_proj": (kv_heads * D, H), "v_proj": (kv_heads * D, H), "o_proj": (H, H),
+          "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+base = BaseSpec(L, H, kv_heads, D, shapes)
 dev = torch.device("cuda")
 w = random_lora(0, base, 16, ["q_proj", "k_proj", "v_proj", "o_proj"], dev)
 root = Path(tempfile.mkdtemp()); save_lora(root / "cold", w.lora, base_model="x")
@@ -40,10 +43,11 @@ import quiver.adapters.staging as S
 for i in range(10):
     S.BULK_ROWS = i % 2 == 1
     t0 = time.perf_counter(); f = load_adapter(root / "cold", base, 16); t1 = time.perf_counter()
-    stage(f, torch.bfloat16, 16, 32, shapes); t2 = time.perf_counter()
+    stage(f, torch.bfloat16, 16, L, shapes); t2 = time.perf_counter()
     f.info.adapter_id = f"c{i}"; pool.load(f); t3 = time.perf_counter(); torch.cuda.synchronize()
     print(f"bulk={S.BULK_ROWS} read {1e3*(t1-t0):.1f} stage {1e3*(t2-t1):.1f} engine {1e3*(t3-t2):.1f} total {ms(t0)}")
 import cProfile, pstats
 f = load_adapter(root / "cold", base, 16)
-cProfile.run("stage(f, torch.bfloat16, 16, 32, shapes)", "/tmp/st.prof")
-pstats.Stats("/tmp/st.prof").sort_stats("tottime").print_stats(8)
+prof = cProfile.Profile()
+prof.runcall(stage, f, torch.bfloat16, 16, L, shapes)
+pstats.Stats(prof).sort_stats("tottime").print_stats(8)
