@@ -1,6 +1,7 @@
 """Adapter directories on disk: adapter_config.json + adapter_model.safetensors, nothing else.
 
-`read_adapter_dir` refuses pickled weight files, unreadable JSON, non-float tensors, NaN/Inf;
+`read_adapter_dir` refuses pickled weight files, unreadable JSON, non-float tensors, NaN/Inf
+(the last unless the caller checks the staged rows instead: adapters/staging.py);
 `parse_key` maps a PEFT tensor name to (layer, projection, rest); `write_adapter_dir` writes
 atomically (temp dir, then rename), so a crash never leaves a half-written adapter.
 Nothing here ever unpickles.
@@ -31,7 +32,7 @@ class AdapterError(ValueError):
     """The adapter cannot be served; the message says why."""
 
 
-def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter_dir(path: Path, check_finite: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     config = read_config(path)
     w_path = path / WEIGHTS_NAME
@@ -44,11 +45,20 @@ def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise AdapterError(f"{path.name}: tensor {name} has dtype {t.dtype}; adapters hold floating point")
-        # NaN/Inf propagate into the sum: one float32 reduction pass instead of a mask; a sum
-        # that only overflowed is settled by the exact elementwise check
-        if not torch.isfinite(t.sum(dtype=torch.float32)) and not torch.isfinite(t).all():
+        if check_finite and not is_finite(t):
             raise AdapterError(f"{path.name}: tensor {name} holds NaN or Inf")
     return config, {k: v.float() for k, v in tensors.items()}
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t: one min/max pass in t's own dtype (NaN propagates into both, +-Inf
+    is the min or the max), with no temporary and no overflow to settle, as a sum would need."""
+    if t.numel() == 0:
+        return True
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.float()
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def read_config(path: Path) -> dict:

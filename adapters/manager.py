@@ -85,8 +85,10 @@ class AdapterManager:
                 return self.cpu[adapter_id]
         if not ID_RE.match(adapter_id) or not (self.root / adapter_id / CONFIG_NAME).is_file():
             raise KeyError(f"adapter {adapter_id!r} not found")
-        weights = load_adapter(self.root / adapter_id, self.base, self.cfg.max_rank, self.base_name)
-        self._stage(weights)  # on the request's thread: the engine thread only starts async copies
+        staged = self.device.type == "cuda"  # staging checks NaN/Inf once over the staged rows
+        weights = load_adapter(self.root / adapter_id, self.base, self.cfg.max_rank, self.base_name,
+                               check_finite=not staged)
+        self._stage(weights, check=True)  # on the request's thread: the engine thread only starts async copies
         for warning in weights.info.warnings:
             log.warning("adapter %s: %s", adapter_id, warning)
         with self.lock:
@@ -95,9 +97,9 @@ class AdapterManager:
                 self.cpu.popitem(last=False)
         return weights
 
-    def _stage(self, weights: AdapterWeights) -> None:
+    def _stage(self, weights: AdapterWeights, check: bool = False) -> None:
         if self.device.type == "cuda":
-            stage(weights, self.dtype, self.pool.R, self.base.n_layers, self.base.shapes)
+            stage(weights, self.dtype, self.pool.R, self.base.n_layers, self.base.shapes, check)
 
     def resolve(self, adapter_id: str) -> AdapterRef:
         return AdapterRef(adapter_id, self._weights(adapter_id))

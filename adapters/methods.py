@@ -1,7 +1,8 @@
 """The explicit list of adaptation methods, by the `peft_type` of adapter_config.json.
 
 `load_adapter(path, base, max_rank, base_name)` reads a directory and returns AdapterWeights,
-or raises AdapterError with a message that says what to fix.
+or raises AdapterError with a message that says what to fix. check_finite=False leaves the
+NaN/Inf check to `staging.stage(..., check=True)`, which runs it once over the staged rows.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ METHODS = {
 }
 
 
-def load_adapter(path: Path, base: BaseSpec, max_rank: int, base_name: str = "") -> AdapterWeights:
+def load_adapter(path: Path, base: BaseSpec, max_rank: int, base_name: str = "",
+                 check_finite: bool = True) -> AdapterWeights:
     path = Path(path)
-    cfg, tensors = read_adapter_dir(path)
+    cfg, tensors = read_adapter_dir(path, check_finite)
     kind = str(cfg.get("peft_type", "")).upper()
     if kind not in METHODS:
         raise AdapterError(f"{path.name}: peft_type {cfg.get('peft_type')!r} is not served; "

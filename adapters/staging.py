@@ -12,7 +12,9 @@ bank: bank[:, s] <- rows, with rows built here:
 
 `stage(w, dtype, R, L)` builds all of them once, off the engine thread, in ONE page-locked buffer
 (pinning is a costly allocation; one per adapter), so the engine thread only queues asynchronous
-copies. Unstaged adapters (CPU serving), or staged for another pool rank or dtype, get their
+copies. With check=True it also refuses NaN/Inf (AdapterError) with one reduction over that
+buffer instead of one per file tensor: this checks what is served, in the serving dtype, so a
+float32 value beyond its range (an fp16 overflow) is refused too. Unstaged adapters (CPU serving), or staged for another pool rank or dtype, get their
 rows built at load time instead.
 """
 
@@ -22,10 +24,10 @@ import math
 
 import torch
 
+from quiver.adapters.files import AdapterError, is_finite
 from quiver.adapters.weights import AdapterWeights
 
 VECTOR_TABLES = ("in_scale", "out_scale", "out_add")
-BULK_ROWS = True  # an adapter on every layer at one rank: bulk conversions (False: layer by layer)
 FILL = {"in_scale": 1.0, "out_scale": 1.0, "out_add": 0.0}  # a slot (or layer) without the vector
 
 
@@ -34,7 +36,11 @@ def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
 
 
 def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: torch.dtype, alloc=_empty):
-    """alloc(shape, dtype) -> uninitialized tensor: every element is written here."""
+    """alloc(shape, dtype) -> uninitialized tensor: every element is written here.
+
+    The layers' A and B go into their rows in one multi-tensor copy each (torch._foreach_copy_:
+    one call converts every layer, no per-layer Python op and no stacked temporary); padding
+    beyond a layer's rank, and layers the adapter leaves alone, are zeroed."""
     cached = _cached(w, ("lora", name), dtype, rank)
     if cached is not None:
         return cached
@@ -46,28 +52,22 @@ def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: tor
     a = alloc((n_layers, rank, in_f), dtype)
     b = alloc((n_layers, out_f, rank), dtype)
     ranks, scaling, has = alloc((n_layers,), torch.int32), alloc((n_layers,), torch.float32), alloc((n_layers,), torch.bool)
-    r0 = d0.rank
-    if BULK_ROWS and a.device.type != "meta" and len(deltas) == n_layers and all(d.rank == r0 for d in deltas.values()):
-        # every layer at one rank (the usual adapter): two large conversions instead of 2 per layer
-        # (a small copy costs its fixed overhead on a many-core host: 12 ms for 256 of them)
-        order = [deltas[layer] for layer in range(n_layers)]
-        a[:, :r0].copy_(torch.stack([d.a for d in order]))
-        b[:, :, :r0].copy_(torch.stack([d.b for d in order]))
-        a[:, r0:].zero_()
-        b[:, :, r0:].zero_()
-        ranks.fill_(r0), has.fill_(True)
-        scaling.copy_(torch.tensor([float(d.scale) for d in order]))
+    if a.device.type == "meta":  # stage's sizing pass
         return a, b, ranks, scaling, has
-    ranks.fill_(1), scaling.zero_(), has.zero_()
-    for layer in range(n_layers):
-        d = deltas.get(layer)
-        r = 0 if d is None else d.rank
-        if d is not None:
-            a[layer, :r] = d.a
-            b[layer, :, :r] = d.b
-            ranks[layer], scaling[layer], has[layer] = r, d.scale, True
-        a[layer, r:].zero_()
-        b[layer, :, r:].zero_()
+    layers = sorted(deltas)
+    r_of = [deltas[layer].rank for layer in layers]
+    if len(layers) == n_layers and min(r_of) == max(r_of):  # the usual adapter: zero only the rank padding
+        a[:, r_of[0]:].zero_()
+        b[:, :, r_of[0]:].zero_()
+    else:
+        a.zero_()
+        b.zero_()
+    torch._foreach_copy_([a[layer, :r] for layer, r in zip(layers, r_of)], [deltas[layer].a for layer in layers])
+    torch._foreach_copy_([b[layer, :, :r] for layer, r in zip(layers, r_of)], [deltas[layer].b for layer in layers])
+    # layers without this LoRA: rank 1 over zero rows, scaling 0, has False
+    ranks.copy_(torch.tensor([deltas[layer].rank if layer in deltas else 1 for layer in range(n_layers)]))
+    scaling.copy_(torch.tensor([float(deltas[layer].scale) if layer in deltas else 0.0 for layer in range(n_layers)]))
+    has.copy_(torch.tensor([layer in deltas for layer in range(n_layers)]))
     return a, b, ranks, scaling, has
 
 
@@ -103,9 +103,12 @@ def names(keys) -> list[str]:
     return sorted({n for _, n in keys})
 
 
-def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims: dict[str, tuple[int, int]]) -> None:
+def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims: dict[str, tuple[int, int]],
+          check: bool = False) -> None:
     """Builds every bank row of w (and its prefix KV) in one pinned buffer; dims: name -> (out, in).
-    The rows are written straight into the buffer: a first pass over meta tensors sizes it."""
+    The rows are written straight into the buffer: a first pass over meta tensors sizes it.
+    check: raise AdapterError (and stage nothing) if a staged row, or a tensor served unstaged
+    (bottleneck, soft prompt), holds NaN or Inf."""
     w.staged = {}
     sizes: dict[torch.dtype, int] = {}
 
@@ -125,6 +128,27 @@ def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims:
         return view
 
     w.staged = _build(w, dtype, rank, n_layers, dims, take)
+    if check:
+        served = [buf for dt, (buf, _) in buffers.items() if dt.is_floating_point]
+        served += [t for bn in w.bottleneck.values() for t in (bn.down, bn.down_bias, bn.up, bn.up_bias)]
+        served += [w.prompt_embeds] if w.prompt_embeds is not None else []
+        if not all(is_finite(t) for t in served):
+            w.staged = {}
+            raise AdapterError(f"{w.info.adapter_id}: {_non_finite(w, dtype)}")
+
+
+def _non_finite(w: AdapterWeights, dtype: torch.dtype) -> str:
+    """Why w's served rows are not finite: where its float32 tensors hold NaN or Inf, else the range."""
+    named = [(f"layer {k[0]} {k[1]} LoRA", t) for k, d in w.lora.items() for t in (d.a, d.b)]
+    for kind in VECTOR_TABLES:
+        named += [(f"layer {k[0]} {k[1]} {kind} vector", t) for k, t in getattr(w, kind).items()]
+    named += [(f"layer {k[0]} {k[1]} bottleneck", t) for k, bn in w.bottleneck.items()
+              for t in (bn.down, bn.down_bias, bn.up, bn.up_bias)]
+    named += [(what, t) for what, t in (("prefix KV", w.prefix_kv), ("soft prompt", w.prompt_embeds)) if t is not None]
+    for what, t in named:
+        if not is_finite(t):
+            return f"{what} holds NaN or Inf"
+    return f"values beyond the range of {str(dtype).removeprefix('torch.')}, the serving dtype"
 
 
 def _build(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims: dict, alloc) -> dict:

@@ -1,53 +1,112 @@
 """Where a cold adapter load's time goes, on a CUDA machine without a model: rank 16 LoRA on
 q, k, v, o of a 32-layer 7B-shaped base (a 64 MiB float32 file), a 4-slot pool.
 
-Prints: pinning 32 MiB (first, new block, cached), one bulk fp32 -> bf16 conversion, the file
-read and finite checks, then 10 loads (read + validate, stage, engine thread) alternating
-staging.BULK_ROWS off and on, and a profile of one stage call.
+Prints, each the median of 7 after a warm-up:
+  * pieces: pinning 32 MiB (new block / cached), the file read, the NaN/Inf check per file
+    tensor (torch and numpy) and over one staged buffer;
+  * the rows of one projection three ways: layer by layer (2 copies per layer), stack + one
+    conversion, one multi-tensor copy (staging.lora_rows);
+  * whole loads as AdapterManager does them on CUDA (read without the per-tensor check, stage
+    with the check on the staged buffer, engine thread), alternated with the previous order
+    (per-tensor check on read, stage unchecked).
 
     python loadtest/bench_cold_load.py
 """
-import time, tempfile, torch, sys
+import statistics
+import sys
+import tempfile
+import time
 from pathlib import Path
+
+import torch
+
 from quiver.adapters.base import BaseSpec
+from quiver.adapters.files import is_finite
 from quiver.adapters.lora import save_lora
 from quiver.adapters.methods import load_adapter
-from quiver.adapters.staging import stage
 from quiver.adapters.pool import SlotPool
+from quiver.adapters.staging import lora_rows, stage
 from quiver.loadtest.bench_engine import LLAMA2_7B, random_lora
-if not torch.cuda.is_available():
-    sys.exit("bench_cold_load needs a CUDA device")
-H, I, L = LLAMA2_7B["hidden_size"], LLAMA2_7B["intermediate_size"], LLAMA2_7B["num_hidden_layers"]
-heads, kv_heads = LLAMA2_7B["num_attention_heads"], LLAMA2_7B["num_key_value_heads"]
-D = H // heads
-shapes = {"q_proj": (H, H), "k_proj": (kv_heads * D, H), "v_proj": (kv_heads * D, H), "o_proj": (H, H),
-          "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-base = BaseSpec(L, H, kv_heads, D, shapes)
-dev = torch.device("cuda")
-w = random_lora(0, base, 16, ["q_proj", "k_proj", "v_proj", "o_proj"], dev)
-root = Path(tempfile.mkdtemp()); save_lora(root / "cold", w.lora, base_model="x")
-pool = SlotPool(base, 4, 16, torch.bfloat16, dev)
-ms = lambda t: f"{1e3*(time.perf_counter()-t):.1f}"
-for i in range(3):
-    t = time.perf_counter(); p = torch.empty(16 << 20, dtype=torch.bfloat16, pin_memory=True); print("pin 32MB", ms(t))
-    t = time.perf_counter(); q = torch.empty(16 << 20, dtype=torch.bfloat16); q.fill_(0); print("pageable 32MB touch", ms(t))
-x = torch.randn(16 << 20)
-for i in range(3):
-    t = time.perf_counter(); p.copy_(x); print("convert 16M fp32->bf16 into pinned (one op)", ms(t))
-from safetensors.torch import load_file
-for i in range(3):
-    t = time.perf_counter(); d = load_file(str(root / "cold" / "adapter_model.safetensors")); t1 = time.perf_counter()
-    s = [v.sum() for v in d.values()]; print("load_file", f"{1e3*(t1-t):.1f}", "sums", ms(t1))
-print("threads", torch.get_num_threads())
-import quiver.adapters.staging as S
-for i in range(10):
-    S.BULK_ROWS = i % 2 == 1
-    t0 = time.perf_counter(); f = load_adapter(root / "cold", base, 16); t1 = time.perf_counter()
-    stage(f, torch.bfloat16, 16, L, shapes); t2 = time.perf_counter()
-    f.info.adapter_id = f"c{i}"; pool.load(f); t3 = time.perf_counter(); torch.cuda.synchronize()
-    print(f"bulk={S.BULK_ROWS} read {1e3*(t1-t0):.1f} stage {1e3*(t2-t1):.1f} engine {1e3*(t3-t2):.1f} total {ms(t0)}")
-import cProfile, pstats
-f = load_adapter(root / "cold", base, 16)
-prof = cProfile.Profile()
-prof.runcall(stage, f, torch.bfloat16, 16, L, shapes)
-pstats.Stats(prof).sort_stats("tottime").print_stats(8)
+
+
+def median_ms(fn, n=7):
+    fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t))
+    return f"{statistics.median(times):.2f} ms (min {min(times):.2f}, max {max(times):.2f})"
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("bench_cold_load needs a CUDA device")
+    H, I, L = LLAMA2_7B["hidden_size"], LLAMA2_7B["intermediate_size"], LLAMA2_7B["num_hidden_layers"]
+    heads, kv_heads = LLAMA2_7B["num_attention_heads"], LLAMA2_7B["num_key_value_heads"]
+    D = H // heads
+    shapes = {"q_proj": (H, H), "k_proj": (kv_heads * D, H), "v_proj": (kv_heads * D, H), "o_proj": (H, H),
+              "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    base = BaseSpec(L, H, kv_heads, D, shapes)
+    dev = torch.device("cuda")
+    w = random_lora(0, base, 16, ["q_proj", "k_proj", "v_proj", "o_proj"], dev)
+    root = Path(tempfile.mkdtemp())
+    save_lora(root / "cold", w.lora, base_model="x")
+    print("threads", torch.get_num_threads())
+
+    t = time.perf_counter()
+    pinned = torch.empty(16 << 20, dtype=torch.bfloat16, pin_memory=True)
+    print("pin 32 MiB, first", f"{1e3 * (time.perf_counter() - t):.1f} ms")
+    print("pin 32 MiB, cached block", median_ms(lambda: torch.empty(16 << 20, dtype=torch.bfloat16, pin_memory=True)))
+    held = []  # kept alive, so that every allocation is a new block
+    print("pin 32 MiB, new block", median_ms(lambda: held.append(torch.empty(16 << 20, dtype=torch.bfloat16,
+                                                                             pin_memory=True)), n=3))
+    del held
+    from safetensors.torch import load_file
+    path = str(root / "cold" / "adapter_model.safetensors")
+    tensors = list(load_file(path).values())
+    print("load_file (page cache)", median_ms(lambda: load_file(path)))
+    print("NaN/Inf check, 256 torch sums", median_ms(lambda: [is_finite(x) for x in tensors]))
+    print("NaN/Inf check, 256 numpy sums", median_ms(lambda: [bool(abs(x.numpy().sum()) < float("inf")) for x in tensors]))
+    print("NaN/Inf check, one staged 32 MiB bf16 buffer", median_ms(lambda: is_finite(pinned)))
+
+    f = load_adapter(root / "cold", base, 16)
+    deltas = [f.lora[(layer, "q_proj")] for layer in range(L)]
+    a = pinned[: L * 16 * H].view(L, 16, H)
+
+    def by_layer():
+        for layer, d in enumerate(deltas):
+            a[layer, :16] = d.a
+
+    print("q_proj A rows, layer by layer", median_ms(by_layer))
+    print("q_proj A rows, stack + one conversion", median_ms(lambda: a.copy_(torch.stack([d.a for d in deltas]))))
+    print("q_proj A rows, one multi-tensor copy", median_ms(lambda: torch._foreach_copy_(list(a.unbind(0)), [d.a for d in deltas])))
+    print("lora_rows q_proj (A, B, ranks, scaling)", median_ms(lambda: lora_rows(f, "q_proj", L, 16, torch.bfloat16)))
+
+    pool = SlotPool(base, 4, 16, torch.bfloat16, dev)
+    pool.load(w)
+    rows = {True: [], False: []}
+    for i in range(14):
+        deferred = i % 2 == 0
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fresh = load_adapter(root / "cold", base, 16, check_finite=not deferred)
+        t1 = time.perf_counter()
+        stage(fresh, torch.bfloat16, 16, L, shapes, check=deferred)
+        t2 = time.perf_counter()
+        fresh.info.adapter_id = f"c{i}"
+        pool.load(fresh)
+        t3 = time.perf_counter()
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        rows[deferred].append((t1 - t0, t2 - t1, t3 - t2, t4 - t2, t4 - t0))
+    for deferred, name in ((True, "check on the staged buffer"), (False, "check per file tensor")):
+        cols = list(zip(*rows[deferred][1:]))  # the first of each is a warm-up
+        med = [1e3 * statistics.median(c) for c in cols]
+        print(f"load, {name}: read {med[0]:.1f} stage {med[1]:.1f} engine thread {med[2]:.2f} "
+              f"cpu->slot {med[3]:.1f} | disk->slot median {med[4]:.1f} ms, min {1e3 * min(cols[4]):.1f}, "
+              f"max {1e3 * max(cols[4]):.1f}")
+
+
+if __name__ == "__main__":
+    main()

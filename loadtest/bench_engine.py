@@ -218,10 +218,11 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     for i in range(repeats):
         sync(loaded.device)
         t0 = time.perf_counter()
-        fresh = load_adapter(root / "cold", base, rank)  # the request's thread, as AdapterManager does
+        staged = loaded.device.type == "cuda"  # as AdapterManager does, on the request's thread:
+        fresh = load_adapter(root / "cold", base, rank, check_finite=not staged)  # NaN/Inf checked once, staged
         read.append(time.perf_counter() - t0)
-        if loaded.device.type == "cuda":
-            stage(fresh, loaded.dtype, pool.R, base.n_layers, base.shapes)
+        if staged:
+            stage(fresh, loaded.dtype, pool.R, base.n_layers, base.shapes, check=True)
         t1 = time.perf_counter()
         fresh.info.adapter_id = f"cold-{i}"
         pool.load(fresh)  # the engine thread: queues the copies

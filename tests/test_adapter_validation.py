@@ -104,3 +104,45 @@ def test_save_lora_roundtrip(tmp_path, base):
         xin = x if key[1] != "down_proj" else torch.randn(4, 1536)
         torch.testing.assert_close(got.scale * (xin @ got.a.T @ got.b.T), d.scale * (xin @ d.a.T @ d.b.T))
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("case,dtype,match", [
+    ("nan", torch.bfloat16, "layer 0 q_proj LoRA holds NaN or Inf"),
+    ("fp16_overflow", torch.float16, "beyond the range of float16"),
+    ("bottleneck_nan", torch.bfloat16, "layer 1 o_proj bottleneck holds NaN or Inf"),
+])
+def test_staging_refuses_what_cannot_be_served(tmp_path, base, case, dtype, match):
+    """The accelerator path reads without the per-tensor NaN/Inf check and checks the staged rows
+    once instead (adapters/staging.py): NaN/Inf are still refused, with the place named, and so is
+    a float32 value that overflows the serving dtype; nothing stays staged."""
+    from quiver.adapters.staging import stage
+    from quiver.adapters.weights import Bottleneck
+
+    t = good_tensors()
+    if case == "nan":
+        t[f"{PRE}.q_proj.lora_A.weight"][1, 7] = float("nan")
+    elif case == "fp16_overflow":
+        t[f"{PRE}.q_proj.lora_B.weight"][5, 2] = 1e6  # finite in float32, inf in float16
+    d = write(tmp_path / case, lora_cfg(), t)
+    w = load_adapter(d, base, max_rank=8, check_finite=False)
+    if case == "bottleneck_nan":
+        down = torch.randn(4, 576)
+        down[0, 0] = float("nan")
+        w.bottleneck[(1, "o_proj")] = Bottleneck(down, torch.zeros(4), torch.randn(576, 4), torch.zeros(576), "relu")
+    with pytest.raises(AdapterError, match=match):
+        stage(w, dtype, 8, base.n_layers, base.shapes, check=True)
+    assert w.staged == {}
+    if case == "nan":  # the default read refuses it before staging, naming the file tensor
+        with pytest.raises(AdapterError, match="q_proj.lora_A.weight holds NaN or Inf"):
+            load_adapter(d, base, max_rank=8)
+
+
+def test_staging_check_passes_a_good_adapter(tmp_path, base):
+    from quiver.adapters.staging import stage
+
+    t = good_tensors()
+    t[f"{PRE}.q_proj.lora_B.weight"][5, 2] = 1e6  # beyond float16, fine in bfloat16
+    w = load_adapter(write(tmp_path / "ok", lora_cfg(), t), base, max_rank=8, check_finite=False)
+    stage(w, torch.bfloat16, 8, base.n_layers, base.shapes, check=True)
+    a = w.staged[("lora", "q_proj")][0]
+    assert torch.equal(a[0, :4], t[f"{PRE}.q_proj.lora_A.weight"].bfloat16()) and not a[0, 4:].any()

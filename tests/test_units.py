@@ -281,28 +281,32 @@ def test_engine_survives_a_failing_step(fp32_model):
         engine.shutdown()
 
 
-def test_lora_rows_of_an_adapter_on_every_layer():
-    """An adapter with one rank on every layer is staged by two bulk conversions: the rows equal
-    the layer-by-layer build, every element written (the buffer starts as garbage)."""
+@pytest.mark.parametrize("layout", ["every_layer_one_rank", "ragged"])
+def test_lora_rows_match_a_layer_by_layer_build(layout):
+    """lora_rows fills every element of its (garbage-initialized) buffers: each layer's A and B
+    at its rank, zero padding beyond it, zero rows, rank 1 and scaling 0 in layers without the
+    LoRA; the usual adapter (every layer, one rank) and a ragged one (layers missing, mixed ranks)."""
     from quiver.adapters import staging
     from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
 
     g = torch.Generator().manual_seed(0)
-    L, r, R = 3, 3, 5
-    w = AdapterWeights(AdapterInfo("all", "lora", rank=r), lora={
+    L, R = 4, 5
+    layer_ranks = {0: 3, 1: 3, 2: 3, 3: 3} if layout == "every_layer_one_rank" else {0: 2, 2: 5, 3: 1}
+    w = AdapterWeights(AdapterInfo("x", "lora", rank=R), lora={
         (layer, "q_proj"): LoraDelta(torch.randn(r, 16, generator=g), torch.randn(24, r, generator=g), 0.5 + layer)
-        for layer in range(L)})
+        for layer, r in layer_ranks.items()})
 
     def garbage(shape, dt):
         return torch.full(shape, True if dt == torch.bool else 7 if not dt.is_floating_point else float("nan"), dtype=dt)
 
     a, b, ranks, scaling, has = staging.lora_rows(w, "q_proj", L, R, torch.bfloat16, alloc=garbage)
     want_a, want_b = torch.zeros(L, R, 16, dtype=torch.bfloat16), torch.zeros(L, 24, R, dtype=torch.bfloat16)
-    for layer in range(L):
-        d = w.lora[(layer, "q_proj")]
-        want_a[layer, :r], want_b[layer, :, :r] = d.a, d.b
+    for (layer, _), d in w.lora.items():
+        want_a[layer, :d.rank], want_b[layer, :, :d.rank] = d.a, d.b
     assert torch.equal(a, want_a) and torch.equal(b, want_b)
-    assert ranks.tolist() == [r] * L and has.tolist() == [True] * L and scaling.tolist() == [0.5, 1.5, 2.5]
+    assert ranks.tolist() == [layer_ranks.get(layer, 1) for layer in range(L)]
+    assert has.tolist() == [layer in layer_ranks for layer in range(L)]
+    assert scaling.tolist() == [0.5 + layer if layer in layer_ranks else 0.0 for layer in range(L)]
 
 
 def test_staged_adapter_loads_the_same_slot_rows():
