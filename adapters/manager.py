@@ -26,6 +26,7 @@ from quiver.adapters.batch import AdapterBatch
 from quiver.adapters.files import CONFIG_NAME, AdapterError, summarize_adapter_dir
 from quiver.adapters.methods import load_adapter
 from quiver.adapters.mix import compose, mix_id
+from quiver.adapters.pinned import PinnedArena
 from quiver.adapters.pool import SlotPool
 from quiver.adapters.staging import stage
 from quiver.adapters.weights import AdapterInfo, AdapterWeights
@@ -48,10 +49,13 @@ class AdapterConfig:
     num_slots: int = 16  # accelerator slots
     max_rank: int = 64
     cpu_cache: int = 256  # adapters kept loaded in CPU memory
+    pinned_mib: int = 1024  # staged rows of CPU-tier adapters, pinned once (CUDA; adapters/pinned.py)
 
     def __post_init__(self) -> None:
         if self.num_slots <= 0 or self.max_rank <= 0 or self.cpu_cache <= 0:
             raise ValueError("num_slots, max_rank and cpu_cache must be positive")
+        if self.pinned_mib < 0:
+            raise ValueError("pinned_mib must be >= 0")
 
 
 class AdapterManager:
@@ -62,6 +66,8 @@ class AdapterManager:
             raise AdapterError(f"adapter directory {self.root} does not exist")
         self.base, self.base_name = base, base_name
         self.dtype, self.device = dtype, device
+        # staged rows live in one slab pinned now, not in a new page-locked block per cold load
+        self.arena = PinnedArena(cfg.pinned_mib << 20 if device.type == "cuda" else 0)
         self.reset_pool(cfg.num_slots)
         self.cpu: OrderedDict[str, AdapterWeights] = OrderedDict()
         self.lock = threading.Lock()
@@ -99,7 +105,7 @@ class AdapterManager:
 
     def _stage(self, weights: AdapterWeights, check: bool = False) -> None:
         if self.device.type == "cuda":
-            stage(weights, self.dtype, self.pool.R, self.base.n_layers, self.base.shapes, check)
+            stage(weights, self.dtype, self.pool.R, self.base.n_layers, self.base.shapes, check, self.arena)
 
     def resolve(self, adapter_id: str) -> AdapterRef:
         return AdapterRef(adapter_id, self._weights(adapter_id))
@@ -157,6 +163,7 @@ class AdapterManager:
                 return False
             slot = self.pool.load(ref.weights)
             self._place_prefix(slot, ref.weights)
+            self.arena.fence(ref.weights)  # after the prefix copies too
         self.pool.pin(slot)
         seq.slot = slot
         return True
@@ -191,6 +198,7 @@ class AdapterManager:
         """A fresh, empty accelerator pool (at start; benchmarks resize it between runs)."""
         self.pool = SlotPool(self.base, num_slots, self.cfg.max_rank, self.dtype, self.device)
         self.pool.on_evict = self._evicted
+        self.pool.arena = self.arena
 
     def _evicted(self, slot: int, weights: AdapterWeights) -> None:
         if slot in self.prefix_blocks:

@@ -68,6 +68,7 @@ class SlotPool:
         self.refs = [0] * num_slots
         self.version = 0  # bumped whenever a new stack is allocated
         self.on_evict = None  # callback(slot, weights), e.g. to free prefix KV blocks
+        self.arena = None  # adapters/pinned.py PinnedArena of the staged rows: fenced after each load
 
     # ---- slot bookkeeping ----
     def lookup(self, adapter_id: str) -> int | None:
@@ -89,6 +90,8 @@ class SlotPool:
             slot = self.slot_of.pop(victim)
             self._clear(slot)
         self._write(slot, weights)
+        if self.arena is not None:
+            self.arena.fence(weights)  # its staged range is not reused before these copies are done
         self.resident[slot] = weights
         self.slot_of[weights.info.adapter_id] = slot
         return slot

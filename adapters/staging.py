@@ -25,6 +25,7 @@ import math
 import torch
 
 from quiver.adapters.files import AdapterError, is_finite
+from quiver.adapters.pinned import ALIGN, PinnedArena
 from quiver.adapters.weights import AdapterWeights
 
 VECTOR_TABLES = ("in_scale", "out_scale", "out_add")
@@ -104,9 +105,11 @@ def names(keys) -> list[str]:
 
 
 def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims: dict[str, tuple[int, int]],
-          check: bool = False) -> None:
+          check: bool = False, arena: PinnedArena | None = None) -> None:
     """Builds every bank row of w (and its prefix KV) in one pinned buffer; dims: name -> (out, in).
     The rows are written straight into the buffer: a first pass over meta tensors sizes it.
+    The buffer is a range of arena (adapters/pinned.py: pinned once, handed back when w is
+    dropped) while it has room, else a page-locked allocation of its own.
     check: raise AdapterError (and stage nothing) if a staged row, or a tensor served unstaged
     (bottleneck, soft prompt), holds NaN or Inf."""
     w.staged = {}
@@ -117,8 +120,14 @@ def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims:
         return torch.empty(shape, dtype=dt, device="meta")
 
     _build(w, dtype, rank, n_layers, dims, count)
-    pin = torch.cuda.is_available()
-    buffers = {dt: [torch.empty(n, dtype=dt, pin_memory=pin), 0] for dt, n in sizes.items()}
+    starts, total = {}, 0
+    for dt, n in sizes.items():  # one byte range per dtype, each ALIGN-aligned
+        starts[dt] = total
+        total += -(-n * dt.itemsize // ALIGN) * ALIGN
+    region = arena.take(total, w) if arena is not None and total else None
+    if region is None:
+        region = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    buffers = {dt: [region[starts[dt]:starts[dt] + n * dt.itemsize].view(dt), 0] for dt, n in sizes.items()}
 
     def take(shape, dt):
         buf = buffers[dt]

@@ -7,8 +7,9 @@ Prints, each the median of 7 after a warm-up:
   * the rows of one projection three ways: layer by layer (2 copies per layer), stack + one
     conversion, one multi-tensor copy (staging.lora_rows);
   * whole loads as AdapterManager does them on CUDA (read without the per-tensor check, stage
-    with the check on the staged buffer, engine thread), alternated with the previous order
-    (per-tensor check on read, stage unchecked).
+    into its pinned arena with the check on the staged buffer, engine thread), alternated with
+    the previous order (per-tensor check on read, stage unchecked into a block pinned per
+    adapter), then a profile of one stage call.
 
     python loadtest/bench_cold_load.py
 """
@@ -24,6 +25,7 @@ from quiver.adapters.base import BaseSpec
 from quiver.adapters.files import is_finite
 from quiver.adapters.lora import save_lora
 from quiver.adapters.methods import load_adapter
+from quiver.adapters.pinned import PinnedArena
 from quiver.adapters.pool import SlotPool
 from quiver.adapters.staging import lora_rows, stage
 from quiver.loadtest.bench_engine import LLAMA2_7B, random_lora
@@ -85,6 +87,9 @@ def main() -> None:
 
     pool = SlotPool(base, 4, 16, torch.bfloat16, dev)
     pool.load(w)
+    t = time.perf_counter()
+    arena = PinnedArena(1 << 30)
+    print("pin the 1 GiB arena (server start)", f"{1e3 * (time.perf_counter() - t):.0f} ms")
     rows = {True: [], False: []}
     for i in range(14):
         deferred = i % 2 == 0
@@ -92,20 +97,27 @@ def main() -> None:
         t0 = time.perf_counter()
         fresh = load_adapter(root / "cold", base, 16, check_finite=not deferred)
         t1 = time.perf_counter()
-        stage(fresh, torch.bfloat16, 16, L, shapes, check=deferred)
+        stage(fresh, torch.bfloat16, 16, L, shapes, check=deferred, arena=arena if deferred else None)
         t2 = time.perf_counter()
         fresh.info.adapter_id = f"c{i}"
+        pool.arena = arena if deferred else None
         pool.load(fresh)
         t3 = time.perf_counter()
         torch.cuda.synchronize()
         t4 = time.perf_counter()
         rows[deferred].append((t1 - t0, t2 - t1, t3 - t2, t4 - t2, t4 - t0))
-    for deferred, name in ((True, "check on the staged buffer"), (False, "check per file tensor")):
+    for deferred, name in ((True, "arena, check on the staged buffer"), (False, "pin per adapter, check per file tensor")):
         cols = list(zip(*rows[deferred][1:]))  # the first of each is a warm-up
         med = [1e3 * statistics.median(c) for c in cols]
         print(f"load, {name}: read {med[0]:.1f} stage {med[1]:.1f} engine thread {med[2]:.2f} "
               f"cpu->slot {med[3]:.1f} | disk->slot median {med[4]:.1f} ms, min {1e3 * min(cols[4]):.1f}, "
               f"max {1e3 * max(cols[4]):.1f}")
+    import cProfile
+    import pstats
+    fresh = load_adapter(root / "cold", base, 16, check_finite=False)
+    prof = cProfile.Profile()
+    prof.runcall(stage, fresh, torch.bfloat16, 16, L, shapes, check=True, arena=arena)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":

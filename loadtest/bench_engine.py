@@ -205,6 +205,7 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
 
     from quiver.adapters.lora import save_lora
     from quiver.adapters.methods import load_adapter
+    from quiver.adapters.pinned import PinnedArena
     from quiver.adapters.pool import SlotPool
     from quiver.adapters.staging import stage
 
@@ -214,6 +215,7 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     save_lora(root / "cold", w.lora, base_model=loaded.name)
     pool = SlotPool(base, 4, rank, loaded.dtype, loaded.device)
     pool.load(w)  # allocate the stacks once, as a warm server has
+    pool.arena = arena = PinnedArena((1024 if loaded.device.type == "cuda" else 0) << 20)  # AdapterManager's default
     disk, read, engine, slot = [], [], [], []
     for i in range(repeats):
         sync(loaded.device)
@@ -222,7 +224,7 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
         fresh = load_adapter(root / "cold", base, rank, check_finite=not staged)  # NaN/Inf checked once, staged
         read.append(time.perf_counter() - t0)
         if staged:
-            stage(fresh, loaded.dtype, pool.R, base.n_layers, base.shapes, check=True)
+            stage(fresh, loaded.dtype, pool.R, base.n_layers, base.shapes, check=True, arena=arena)
         t1 = time.perf_counter()
         fresh.info.adapter_id = f"cold-{i}"
         pool.load(fresh)  # the engine thread: queues the copies

@@ -67,7 +67,8 @@ class Server:
         from quiver.adapters.manager import AdapterConfig, AdapterManager
 
         loaded = self.loaded
-        manager = AdapterManager(AdapterConfig(cfg.adapter_dir, num_slots=cfg.adapter_slots, max_rank=cfg.max_rank),
+        manager = AdapterManager(AdapterConfig(cfg.adapter_dir, num_slots=cfg.adapter_slots, max_rank=cfg.max_rank,
+                                               pinned_mib=cfg.pinned_mib),
                                  BaseSpec.from_model(loaded.model), loaded.name, loaded.dtype, loaded.device)
         log.info("adapters: %d found under %s; %d slots, max rank %d", len(manager.ids()), cfg.adapter_dir,
                  cfg.adapter_slots, cfg.max_rank)

@@ -30,6 +30,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-dir", default=None, help="serve every adapter directory under DIR by its folder name")
     p.add_argument("--adapter-slots", type=int, default=16, help="adapters resident on the accelerator at once")
     p.add_argument("--max-rank", type=int, default=64, help="largest LoRA / bottleneck rank accepted")
+    p.add_argument("--pinned-mib", type=int, default=1024,
+                   help="page-locked host memory pinned at start for adapters staged for the GPU (0 = pin per adapter)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="running sequences per step")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + new tokens per sequence")
@@ -43,7 +45,7 @@ def serve(args: argparse.Namespace) -> int:
     from quiver.server.loader import ModelLoadError
 
     server_cfg = ServerConfig(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
-                              adapter_slots=args.adapter_slots, max_rank=args.max_rank)
+                              adapter_slots=args.adapter_slots, max_rank=args.max_rank, pinned_mib=args.pinned_mib)
     model_cfg = ModelConfig(model=args.model, quantize=args.quantize, dtype=args.dtype, device=args.device,
                             nf4_kernel=args.nf4_kernel)
     engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,

@@ -69,10 +69,13 @@ class ServerConfig:
     adapter_dir: str | None = None
     adapter_slots: int = 16  # adapters resident on the accelerator at once
     max_rank: int = 64  # largest LoRA / bottleneck rank accepted
+    pinned_mib: int = 1024  # page-locked memory pinned at start for staged adapters (CUDA)
 
     def __post_init__(self) -> None:
         if self.adapter_slots <= 0 or self.max_rank <= 0:
             raise ValueError("adapter_slots and max_rank must be positive")
+        if self.pinned_mib < 0:
+            raise ValueError("pinned_mib must be >= 0")
         if not (0 <= self.port < 65536):
             raise ValueError(f"port out of range: {self.port}")
         if self.max_workers <= 0:

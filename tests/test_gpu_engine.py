@@ -115,3 +115,52 @@ def test_cuda_adapters_mixed_batch_graphs_vs_eager_vs_peft(tmp_path):
     for (name, i), toks in results[True].items():
         if name is not None:
             assert toks == expected[(name, i)], name
+
+
+def test_arena_range_is_not_reused_while_its_copies_run():
+    """A dropped adapter's staged range (adapters/pinned.py) is not handed to the next cold load
+    while the slot copies that read it are still queued: the slot gets the first adapter's rows,
+    the second adapter stages elsewhere, and the range is reused once the copies are done."""
+    import gc
+
+    from quiver.adapters.base import BaseSpec
+    from quiver.adapters.pinned import PinnedArena
+    from quiver.adapters.pool import SlotPool
+    from quiver.adapters.staging import stage
+    from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
+
+    L, H = 4, 1024
+    shapes = {"q_proj": (H, H)}
+    base = BaseSpec(n_layers=L, hidden=H, n_kv_heads=1, head_dim=H, shapes=shapes)
+
+    def adapter(i):
+        g = torch.Generator().manual_seed(i)
+        return AdapterWeights(AdapterInfo(f"a{i}", "lora", rank=16), lora={
+            (layer, "q_proj"): LoraDelta(torch.randn(16, H, generator=g), torch.randn(H, 16, generator=g), 1.0)
+            for layer in range(L)})
+
+    sizing = PinnedArena(64 << 20)
+    w0 = adapter(0)
+    stage(w0, torch.bfloat16, 16, L, shapes, arena=sizing)
+    arena = PinnedArena(sizing.nbytes - sizing.free_bytes())  # room for exactly one adapter
+    lo, hi = arena.slab.data_ptr(), arena.slab.data_ptr() + arena.nbytes
+    in_arena = lambda w: lo <= w.staged[("lora", "q_proj")][0].data_ptr() < hi  # noqa: E731
+
+    pool = SlotPool(base, 2, 16, torch.bfloat16, torch.device("cuda"))
+    pool.arena = arena
+    w1 = adapter(1)
+    want = torch.stack([w1.lora[(layer, "q_proj")].a for layer in range(L)]).bfloat16().cuda()
+    stage(w1, torch.bfloat16, 16, L, shapes, arena=arena)
+    assert in_arena(w1)
+    torch.cuda._sleep(300_000_000)  # the slot copies queue behind ~0.15 s of GPU work
+    slot = pool.load(w1)
+    del pool.resident[slot], pool.slot_of["a1"], w1  # the adapter is dropped while its copies wait
+    gc.collect()
+    w2 = adapter(2)
+    stage(w2, torch.bfloat16, 16, L, shapes, arena=arena)
+    assert not in_arena(w2)  # the range is still read by queued copies
+    torch.cuda.synchronize()
+    assert torch.equal(pool.lora_banks["q_proj"].a[:, slot], want)
+    w3 = adapter(3)
+    stage(w3, torch.bfloat16, 16, L, shapes, arena=arena)
+    assert in_arena(w3)

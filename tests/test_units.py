@@ -399,3 +399,68 @@ def test_capture_all_graphs_ahead_of_serving(fp32_model, monkeypatch):
     dg2.enabled = True
     monkeypatch.setattr(dg2, "_capture", fail)
     assert dg2.capture_all() == 0 and not dg2.enabled  # graphs off: decode runs eagerly
+
+
+def test_pinned_arena_hands_ranges_back_when_their_owner_is_dropped():
+    """First-fit ranges of one slab, aligned, never overlapping; None when full; a dropped
+    owner's range comes back only once its fence (the copies that read it) is done, and
+    neighbouring free ranges merge."""
+    import gc
+
+    from quiver.adapters.pinned import ALIGN, PinnedArena
+
+    class Owner:
+        pass
+
+    class Event:  # stands in for the CUDA event of the copies
+        done = False
+
+        def query(self):
+            return self.done
+
+    arena = PinnedArena(4 * ALIGN)
+    a, b, c = Owner(), Owner(), Owner()
+    ra, rb = arena.take(ALIGN + 1, a), arena.take(ALIGN, b)  # a takes 2 aligned units, b 1
+    assert ra.numel() == 2 * ALIGN and rb.data_ptr() - ra.data_ptr() == 2 * ALIGN
+    assert arena.take(2 * ALIGN, c) is None and arena.free_bytes() == ALIGN
+    event = Event()
+    arena.fences[id(a)][0] = event
+    del a, ra
+    gc.collect()
+    assert arena.free_bytes() == ALIGN  # a's copies still run: not reusable yet
+    event.done = True
+    assert arena.free_bytes() == 3 * ALIGN
+    rc = arena.take(2 * ALIGN, c)
+    assert rc is not None and rc.data_ptr() == rb.data_ptr() - 2 * ALIGN  # a's old range, first fit
+    del b, rb
+    gc.collect()
+    assert arena.free_bytes() == 2 * ALIGN and len(arena.free) == 1  # b's range merged with the tail
+    assert PinnedArena(0).take(1, c) is None
+
+
+def test_stage_into_an_arena_and_beyond_it():
+    """stage() puts an adapter's rows in an arena range while one is free, else in a buffer of
+    its own; the rows are the same either way."""
+    from quiver.adapters import staging
+    from quiver.adapters.pinned import PinnedArena
+    from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
+
+    g = torch.Generator().manual_seed(0)
+    dims = {"q_proj": (24, 16)}
+
+    def adapter(name):
+        return AdapterWeights(AdapterInfo(name, "lora", rank=3), lora={
+            (layer, "q_proj"): LoraDelta(torch.randn(3, 16, generator=g), torch.randn(24, 3, generator=g), 1.0)
+            for layer in range(2)})
+
+    first, second = adapter("first"), adapter("second")
+    plain = AdapterWeights(first.info, lora=first.lora)
+    staging.stage(plain, torch.bfloat16, 4, 2, dims)
+    arena = PinnedArena(2048)
+    staging.stage(first, torch.bfloat16, 4, 2, dims, arena=arena)
+    staging.stage(second, torch.bfloat16, 4, 2, dims, arena=arena)
+    lo, hi = arena.slab.data_ptr(), arena.slab.data_ptr() + arena.nbytes
+    inside = [lo <= rows[0].data_ptr() < hi for rows in (first.staged[("lora", "q_proj")], second.staged[("lora", "q_proj")])]
+    assert inside == [True, False]  # 768 B of bf16 rows + 3 x 256 B of ranks, scaling, has: one fits in 2 KiB
+    for got, want in zip(first.staged[("lora", "q_proj")], plain.staged[("lora", "q_proj")]):
+        assert torch.equal(got, want)
