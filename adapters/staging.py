@@ -20,7 +20,9 @@ rows built at load time instead.
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -29,6 +31,7 @@ from quiver.adapters.pinned import ALIGN, PinnedArena
 from quiver.adapters.weights import AdapterWeights
 
 VECTOR_TABLES = ("in_scale", "out_scale", "out_add")
+FILL_THREADS = 8  # row copies (A, B of each projection) staged in parallel (1: one after another)
 FILL = {"in_scale": 1.0, "out_scale": 1.0, "out_add": 0.0}  # a slot (or layer) without the vector
 
 
@@ -36,8 +39,10 @@ def _empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
-def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: torch.dtype, alloc=_empty):
-    """alloc(shape, dtype) -> uninitialized tensor: every element is written here.
+def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: torch.dtype, alloc=_empty,
+              defer: list | None = None):
+    """alloc(shape, dtype) -> uninitialized tensor: every element is written here (by a job
+    appended to defer instead, when given: stage runs the jobs of all projections in parallel).
 
     The layers' A and B go into their rows in one multi-tensor copy each (torch._foreach_copy_:
     one call converts every layer, no per-layer Python op and no stacked temporary); padding
@@ -55,21 +60,31 @@ def lora_rows(w: AdapterWeights, name: str, n_layers: int, rank: int, dtype: tor
     ranks, scaling, has = alloc((n_layers,), torch.int32), alloc((n_layers,), torch.float32), alloc((n_layers,), torch.bool)
     if a.device.type == "meta":  # stage's sizing pass
         return a, b, ranks, scaling, has
+    jobs = [functools.partial(_fill_rows, a, "a", deltas, n_layers), functools.partial(_fill_rows, b, "b", deltas, n_layers),
+            functools.partial(_fill_layers, ranks, scaling, has, deltas, n_layers)]
+    for job in jobs:
+        job() if defer is None else defer.append(job)
+    return a, b, ranks, scaling, has
+
+
+def _fill_rows(rows: torch.Tensor, which: str, deltas: dict, n_layers: int) -> None:
+    """rows [L, R, in] <- each layer's A (which="a"), or [L, out, R] <- B: one multi-tensor copy."""
     layers = sorted(deltas)
     r_of = [deltas[layer].rank for layer in layers]
+    pad = (lambda r: rows[:, r:]) if which == "a" else (lambda r: rows[:, :, r:])  # noqa: E731
+    part = (lambda layer, r: rows[layer, :r]) if which == "a" else (lambda layer, r: rows[layer, :, :r])  # noqa: E731
     if len(layers) == n_layers and min(r_of) == max(r_of):  # the usual adapter: zero only the rank padding
-        a[:, r_of[0]:].zero_()
-        b[:, :, r_of[0]:].zero_()
+        pad(r_of[0]).zero_()
     else:
-        a.zero_()
-        b.zero_()
-    torch._foreach_copy_([a[layer, :r] for layer, r in zip(layers, r_of)], [deltas[layer].a for layer in layers])
-    torch._foreach_copy_([b[layer, :, :r] for layer, r in zip(layers, r_of)], [deltas[layer].b for layer in layers])
-    # layers without this LoRA: rank 1 over zero rows, scaling 0, has False
+        rows.zero_()
+    torch._foreach_copy_([part(layer, r) for layer, r in zip(layers, r_of)], [getattr(deltas[layer], which) for layer in layers])
+
+
+def _fill_layers(ranks, scaling, has, deltas: dict, n_layers: int) -> None:
+    """Per layer: rank, scaling, has; layers without this LoRA: rank 1 over zero rows, scaling 0, has False."""
     ranks.copy_(torch.tensor([deltas[layer].rank if layer in deltas else 1 for layer in range(n_layers)]))
     scaling.copy_(torch.tensor([float(deltas[layer].scale) if layer in deltas else 0.0 for layer in range(n_layers)]))
     has.copy_(torch.tensor([layer in deltas for layer in range(n_layers)]))
-    return a, b, ranks, scaling, has
 
 
 def vector_rows(w: AdapterWeights, kind: str, name: str, n_layers: int, dims: dict[str, tuple[int, int]],
@@ -136,7 +151,14 @@ def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims:
         buf[1] += n
         return view
 
-    w.staged = _build(w, dtype, rank, n_layers, dims, take)
+    jobs: list = []
+    w.staged = _build(w, dtype, rank, n_layers, dims, take, jobs)
+    if FILL_THREADS > 1 and len(jobs) > 1:  # the ops release the GIL; few cores each (small tensors)
+        for future in [_executor().submit(job) for job in jobs]:
+            future.result()
+    else:
+        for job in jobs:
+            job()
     if check:
         served = [buf for dt, (buf, _) in buffers.items() if dt.is_floating_point]
         served += [t for bn in w.bottleneck.values() for t in (bn.down, bn.down_bias, bn.up, bn.up_bias)]
@@ -160,10 +182,16 @@ def _non_finite(w: AdapterWeights, dtype: torch.dtype) -> str:
     return f"values beyond the range of {str(dtype).removeprefix('torch.')}, the serving dtype"
 
 
-def _build(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims: dict, alloc) -> dict:
+@functools.lru_cache(maxsize=1)
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(FILL_THREADS, thread_name_prefix="quiver-stage")
+
+
+def _build(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims: dict, alloc,
+           defer: list | None = None) -> dict:
     parts: dict = {}
     for name in names(w.lora):
-        parts[("lora", name)] = lora_rows(w, name, n_layers, rank, dtype, alloc)
+        parts[("lora", name)] = lora_rows(w, name, n_layers, rank, dtype, alloc, defer)
     for kind in VECTOR_TABLES:
         for name in names(getattr(w, kind)):
             parts[(kind, name)] = vector_rows(w, kind, name, n_layers, dims, dtype, alloc)

@@ -7,9 +7,10 @@ Prints, each the median of 7 after a warm-up:
   * the rows of one projection three ways: layer by layer (2 copies per layer), stack + one
     conversion, one multi-tensor copy (staging.lora_rows);
   * whole loads as AdapterManager does them on CUDA (read without the per-tensor check, stage
-    into its pinned arena with the check on the staged buffer, engine thread), alternated with
-    the previous order (per-tensor check on read, stage unchecked into a block pinned per
-    adapter), then a profile of one stage call.
+    into its pinned arena with the check on the staged buffer, row copies run by 8 threads,
+    engine thread), alternated with the same on 1 thread and with the previous order (per-tensor
+    check on read, stage unchecked into a block pinned per adapter, 1 thread), then a profile
+    of one stage call.
 
     python loadtest/bench_cold_load.py
 """
@@ -90,9 +91,14 @@ def main() -> None:
     t = time.perf_counter()
     arena = PinnedArena(1 << 30)
     print("pin the 1 GiB arena (server start)", f"{1e3 * (time.perf_counter() - t):.0f} ms")
-    rows = {True: [], False: []}
-    for i in range(14):
-        deferred = i % 2 == 0
+    import quiver.adapters.staging as staging
+    ways = {"arena, check on the staged buffer, 8 fill threads": (True, 8),
+            "arena, check on the staged buffer, 1 fill thread": (True, 1),
+            "pin per adapter, check per file tensor, 1 fill thread": (False, 1)}
+    rows = {name: [] for name in ways}
+    for i in range(8 * len(ways)):
+        name = list(ways)[i % len(ways)]
+        deferred, staging.FILL_THREADS = ways[name]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fresh = load_adapter(root / "cold", base, 16, check_finite=not deferred)
@@ -105,9 +111,10 @@ def main() -> None:
         t3 = time.perf_counter()
         torch.cuda.synchronize()
         t4 = time.perf_counter()
-        rows[deferred].append((t1 - t0, t2 - t1, t3 - t2, t4 - t2, t4 - t0))
-    for deferred, name in ((True, "arena, check on the staged buffer"), (False, "pin per adapter, check per file tensor")):
-        cols = list(zip(*rows[deferred][1:]))  # the first of each is a warm-up
+        rows[name].append((t1 - t0, t2 - t1, t3 - t2, t4 - t2, t4 - t0))
+    staging.FILL_THREADS = 8
+    for name in ways:
+        cols = list(zip(*rows[name][1:]))  # the first of each is a warm-up
         med = [1e3 * statistics.median(c) for c in cols]
         print(f"load, {name}: read {med[0]:.1f} stage {med[1]:.1f} engine thread {med[2]:.2f} "
               f"cpu->slot {med[3]:.1f} | disk->slot median {med[4]:.1f} ms, min {1e3 * min(cols[4]):.1f}, "

@@ -147,20 +147,24 @@ def test_arena_range_is_not_reused_while_its_copies_run():
     in_arena = lambda w: lo <= w.staged[("lora", "q_proj")][0].data_ptr() < hi  # noqa: E731
 
     pool = SlotPool(base, 2, 16, torch.bfloat16, torch.device("cuda"))
+    pool.load(w0)  # the banks exist, as in a warm server (allocating them may synchronize)
+    torch.cuda.synchronize()
     pool.arena = arena
     w1 = adapter(1)
     want = torch.stack([w1.lora[(layer, "q_proj")].a for layer in range(L)]).bfloat16().cuda()
     stage(w1, torch.bfloat16, 16, L, shapes, arena=arena)
-    assert in_arena(w1)
+    assert in_arena(w1), "the first adapter should fit the arena"
     torch.cuda._sleep(300_000_000)  # the slot copies queue behind ~0.15 s of GPU work
     slot = pool.load(w1)
     del pool.resident[slot], pool.slot_of["a1"], w1  # the adapter is dropped while its copies wait
     gc.collect()
+    assert len(arena.pending) == 1 and arena.pending[0][2][0] is not None, "w1's range should wait for its fence"
     w2 = adapter(2)
     stage(w2, torch.bfloat16, 16, L, shapes, arena=arena)
-    assert not in_arena(w2)  # the range is still read by queued copies
+    assert not in_arena(w2), "the range is still read by queued copies"
     torch.cuda.synchronize()
-    assert torch.equal(pool.lora_banks["q_proj"].a[:, slot], want)
+    assert torch.equal(pool.lora_banks["q_proj"].a[:, slot], want), "the slot should hold the first adapter"
+    assert arena.free_bytes() == arena.nbytes, "the range should be free once the copies are done"
     w3 = adapter(3)
     stage(w3, torch.bfloat16, 16, L, shapes, arena=arena)
     assert in_arena(w3)
