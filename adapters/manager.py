@@ -1,9 +1,11 @@
 """Adapter store and tiers: disk (every directory under --adapter-dir) -> CPU (LRU of loaded
 AdapterWeights) -> accelerator slots (SlotPool), plus the engine-side hooks.
 
-Service side (gRPC threads): `resolve(id)` / `resolve_mix(parts)` read and validate from disk
-into the CPU tier on the caller's thread, so a cold adapter's disk load never stalls the
-engine; unknown ids raise KeyError (-> NOT_FOUND), invalid files AdapterError.
+Service side (gRPC threads): `resolve(id)` / `resolve_mix(parts)` read, validate and (on CUDA)
+stage from disk into the CPU tier on the caller's thread, so a cold adapter's disk load never
+stalls the engine; unknown ids raise KeyError (-> NOT_FOUND), invalid files AdapterError. On
+CUDA the staged rows live in a pinned arena (adapters/pinned.py) and the NaN/Inf check runs once
+over them (adapters/staging.py) instead of once per file tensor.
 Engine side (engine thread): `acquire(seq)` at submission, `admit(seq)` when the scheduler
 wants to start it (copies CPU -> slot, evicting the LRU idle slot; prefix-tuning KV goes into
 shared ref-counted KV blocks), `prepare(scheduled)` builds the step's AdapterBatch,
