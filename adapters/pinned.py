@@ -31,8 +31,10 @@ class PinnedArena:
         self.slab = torch.empty(nbytes, dtype=torch.uint8, pin_memory=nbytes > 0 and torch.cuda.is_available())
         self.free: list[tuple[int, int]] = [(0, nbytes)] if nbytes else []  # (offset, size), sorted, merged
         self.pending: list[tuple[int, int, list]] = []  # handed back, waiting for their fence
-        self.lock = threading.Lock()
-        self.fences: dict[int, list] = {}  # id(owner) -> [event or None], shared with its finalizer
+        # re-entrant: a finalizer (_hand_back) may run inside a locked section when the garbage
+        # collector drops an owner there
+        self.lock = threading.RLock()
+        self.fences: dict[int, list[list]] = {}  # id(owner) -> a [event or None] per range it holds
 
     def take(self, n: int, owner) -> torch.Tensor | None:
         """n bytes for owner's staged rows, or None (no room: the caller pins its own)."""
@@ -42,19 +44,21 @@ class PinnedArena:
             for i, (off, size) in enumerate(self.free):
                 if size >= n:
                     self.free[i:i + 1] = [(off + n, size - n)] if size > n else []
-                    fence: list = [None]
-                    self.fences[id(owner)] = fence
+                    fence: list = [None]  # shared with the finalizer
+                    self.fences.setdefault(id(owner), []).append(fence)
                     weakref.finalize(owner, self._hand_back, off, n, fence, id(owner))
                     return self.slab[off:off + n]
         return None
 
     def fence(self, owner) -> None:
-        """Marks the copies queued so far on the current stream as readers of owner's range."""
-        fence = self.fences.get(id(owner))
-        if fence is not None and torch.cuda.is_available():
+        """Marks the copies queued so far on the current stream as readers of owner's ranges."""
+        with self.lock:
+            fences = list(self.fences.get(id(owner), ()))
+        if fences and torch.cuda.is_available():
             event = torch.cuda.Event()
             event.record()
-            fence[0] = event
+            for fence in fences:
+                fence[0] = event
 
     def free_bytes(self) -> int:
         with self.lock:
@@ -63,8 +67,7 @@ class PinnedArena:
 
     def _hand_back(self, off: int, n: int, fence: list, key: int) -> None:
         with self.lock:
-            if self.fences.get(key) is fence:
-                del self.fences[key]
+            self.fences.pop(key, None)  # the owner is gone: all its ranges are being handed back
             self.pending.append((off, n, fence))
 
     def _reclaim(self) -> None:

@@ -403,8 +403,8 @@ def test_capture_all_graphs_ahead_of_serving(fp32_model, monkeypatch):
 
 def test_pinned_arena_hands_ranges_back_when_their_owner_is_dropped():
     """First-fit ranges of one slab, aligned, never overlapping; None when full; a dropped
-    owner's range comes back only once its fence (the copies that read it) is done, and
-    neighbouring free ranges merge."""
+    owner's ranges (an owner restaged holds two) come back only once their fence (the copies
+    that read them) is done, and neighbouring free ranges merge."""
     import gc
 
     from quiver.adapters.pinned import ALIGN, PinnedArena
@@ -421,21 +421,24 @@ def test_pinned_arena_hands_ranges_back_when_their_owner_is_dropped():
     arena = PinnedArena(4 * ALIGN)
     a, b, c = Owner(), Owner(), Owner()
     ra, rb = arena.take(ALIGN + 1, a), arena.take(ALIGN, b)  # a takes 2 aligned units, b 1
+    ra2 = arena.take(ALIGN, a)  # a restaged: a second range, the last unit
     assert ra.numel() == 2 * ALIGN and rb.data_ptr() - ra.data_ptr() == 2 * ALIGN
-    assert arena.take(2 * ALIGN, c) is None and arena.free_bytes() == ALIGN
+    assert ra2.data_ptr() - rb.data_ptr() == ALIGN
+    assert arena.take(1, c) is None and arena.free_bytes() == 0
     event = Event()
-    arena.fences[id(a)][0] = event
-    del a, ra
+    for fence in arena.fences[id(a)]:  # what fence(a) does on CUDA, for both of a's ranges
+        fence[0] = event
+    del a, ra, ra2
     gc.collect()
-    assert arena.free_bytes() == ALIGN  # a's copies still run: not reusable yet
+    assert arena.free_bytes() == 0  # a's copies still run: neither range is reusable yet
     event.done = True
-    assert arena.free_bytes() == 3 * ALIGN
+    assert arena.free_bytes() == 3 * ALIGN and len(arena.free) == 2
     rc = arena.take(2 * ALIGN, c)
-    assert rc is not None and rc.data_ptr() == rb.data_ptr() - 2 * ALIGN  # a's old range, first fit
-    del b, rb
+    assert rc is not None and rc.data_ptr() == rb.data_ptr() - 2 * ALIGN  # a's first range, first fit
+    del b, rb, c, rc
     gc.collect()
-    assert arena.free_bytes() == 2 * ALIGN and len(arena.free) == 1  # b's range merged with the tail
-    assert PinnedArena(0).take(1, c) is None
+    assert arena.free_bytes() == 4 * ALIGN and arena.free == [(0, 4 * ALIGN)]  # all merged
+    assert PinnedArena(0).take(1, Owner()) is None
 
 
 def test_stage_into_an_arena_and_beyond_it():
