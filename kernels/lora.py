@@ -64,7 +64,7 @@ except Exception:  # pragma: no cover - depends on the environment
     tl = None
     HAS_TRITON = False
 
-from .pdl import lora_pdl_kwargs, pdl_start, prefetch_l2
+from .pdl import pdl_kwargs, pdl_start
 
 __all__ = [
     "HAS_TRITON",
@@ -436,27 +436,6 @@ if HAS_TRITON:
         return slot_c, tl.where(slot >= 0, tl.load(rank_ptr + slot_c), 0)
 
     @triton.jit
-    def _bgmv_shrink_prefetch(a_ptr, slot_ptr, map_ptr, rank_ptr, t, pid_r, pid_k, H_in, K_PER_SPLIT, stride_as,
-                              stride_ar, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr):
-        """L2 prefetch of the A rows and K range _bgmv_shrink_body reads (PDL prologue)."""
-        slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
-        r_lo = pid_r * BLOCK_R
-        rows = a_ptr + slot_c * stride_as + tl.minimum(r_lo + tl.arange(0, BLOCK_R), rank - 1).to(tl.int64) * stride_ar
-        k_lo = pid_k * K_PER_SPLIT
-        k_hi = tl.where(r_lo < rank, tl.minimum(k_lo + K_PER_SPLIT, H_in), k_lo)
-        for k in range(k_lo, k_hi, 1024 // a_ptr.dtype.element_ty.primitive_bitwidth):  # one 128-byte line a step
-            prefetch_l2(rows + k)
-
-    @triton.jit
-    def _bgmv_expand_prefetch(b_ptr, slot_ptr, map_ptr, rank_ptr, t, pid_n, H_out, stride_bs, stride_bn,
-                              BLOCK_N: tl.constexpr, HAS_MAP: tl.constexpr):
-        """L2 prefetch of the B rows _bgmv_expand_body reads (PDL prologue)."""
-        slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
-        if rank > 0:
-            n_offs = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), H_out - 1)
-            prefetch_l2(b_ptr + slot_c * stride_bs + n_offs.to(tl.int64) * stride_bn)
-
-    @triton.jit
     def _bgmv_shrink_body(x_ptr, a_ptr, slot_ptr, map_ptr, rank_ptr, h_ptr, t, pid_r, pid_k, H_in, K_PER_SPLIT,
                           stride_xt, stride_as, stride_ar, stride_ht,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -506,11 +485,7 @@ if HAS_TRITON:
         SPLIT_K: tl.constexpr,
         HAS_MAP: tl.constexpr,
         PDL: tl.constexpr = False,
-        PREFETCH: tl.constexpr = False,
     ):
-        if PDL and PREFETCH:
-            _bgmv_shrink_prefetch(a_ptr, slot_ptr, map_ptr, rank_ptr, tl.program_id(0), tl.program_id(1),
-                                  tl.program_id(2), H_in, K_PER_SPLIT, stride_as, stride_ar, BLOCK_R, HAS_MAP)
         pdl_start(PDL)
         _bgmv_shrink_body(x_ptr, a_ptr, slot_ptr, map_ptr, rank_ptr, h_ptr, tl.program_id(0), tl.program_id(1),
                           tl.program_id(2), H_in, K_PER_SPLIT, stride_xt, stride_as, stride_ar, stride_ht,
@@ -557,11 +532,7 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         HAS_MAP: tl.constexpr,
         PDL: tl.constexpr = False,
-        PREFETCH: tl.constexpr = False,
     ):
-        if PDL and PREFETCH:
-            _bgmv_expand_prefetch(b_ptr, slot_ptr, map_ptr, rank_ptr, tl.program_id(0), tl.program_id(1), H_out,
-                                  stride_bs, stride_bn, BLOCK_N, HAS_MAP)
         pdl_start(PDL)
         _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, tl.program_id(0),
                           tl.program_id(1), H_out, stride_ht, stride_bs, stride_bn, stride_yt, BLOCK_N, BLOCK_R,
@@ -736,7 +707,7 @@ def triton_lora_shrink(
             H_in, k_per_split,
             x.stride(0), a_stack.stride(0), a_stack.stride(1), h.stride(0),
             BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, HAS_MAP=slot_map is not None,
-            num_warps=num_warps, **lora_pdl_kwargs(x),
+            num_warps=num_warps, **pdl_kwargs(x),
         )  # fmt: skip
     return h
 
@@ -780,7 +751,7 @@ def triton_lora_expand(
             H_out,
             h.stride(0), b_stack.stride(0), b_stack.stride(1), y.stride(0),
             BLOCK_N=block_n, BLOCK_R=block_r, HAS_MAP=slot_map is not None,
-            num_warps=num_warps, **lora_pdl_kwargs(y),
+            num_warps=num_warps, **pdl_kwargs(y),
         )  # fmt: skip
     return y
 

@@ -24,13 +24,13 @@ import torch
 from .lora import (BGMV_EXPAND_BLOCK_R, BGMV_SHRINK_BLOCK_K, BGMV_SHRINK_MAX_BLOCK_R, BGMV_SHRINK_MAX_SPLIT_K,
                    BGMV_SHRINK_NUM_WARPS, BGMV_SHRINK_TARGET_PROGRAMS, HAS_TRITON, _cdiv, _device_ctx, _next_pow2,
                    _split_k, bgmv_expand_tile, lora_expand, lora_shrink, use_triton)
-from .pdl import lora_pdl_kwargs, pdl_start
+from .pdl import pdl_kwargs, pdl_start
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .lora import _bgmv_expand_body, _bgmv_expand_prefetch, _bgmv_shrink_body, _bgmv_shrink_prefetch
+    from .lora import _bgmv_expand_body, _bgmv_shrink_body
 
 __all__ = ["GroupMember", "lora_group", "reference_lora_group", "triton_lora_group", "MAX_MEMBERS"]
 
@@ -66,15 +66,10 @@ if HAS_TRITON:
     @triton.jit
     def _group_shrink_kernel(x_ptr, slot_ptr, a0, a1, a2, m0, m1, m2, r0, r1, r2, h0, h1, h2, H_in, K_PER_SPLIT,
                              stride_xt, stride_as, stride_ar, stride_ht,
-                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = False,
-                             PREFETCH: tl.constexpr = False):
+                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         pid_z = tl.program_id(2)
         g = pid_z // SPLIT_K
-        if PDL and PREFETCH:
-            _bgmv_shrink_prefetch(_pick(g, a0, a1, a2), slot_ptr, _pick(g, m0, m1, m2), _pick(g, r0, r1, r2),
-                                  tl.program_id(0), tl.program_id(1), pid_z % SPLIT_K, H_in, K_PER_SPLIT, stride_as,
-                                  stride_ar, BLOCK_R, True)
-        pdl_start(PDL)
         _bgmv_shrink_body(x_ptr, _pick(g, a0, a1, a2), slot_ptr, _pick(g, m0, m1, m2), _pick(g, r0, r1, r2),
                           _pick(g, h0, h1, h2), tl.program_id(0), tl.program_id(1), pid_z % SPLIT_K, H_in,
                           K_PER_SPLIT, stride_xt, stride_as, stride_ar, stride_ht, BLOCK_R, BLOCK_K, SPLIT_K, True)
@@ -82,16 +77,11 @@ if HAS_TRITON:
     @triton.jit
     def _group_expand_kernel(slot_ptr, y_ptr, h0, h1, h2, b0, b1, b2, m0, m1, m2, r0, r1, r2, s0, s1, s2,
                              n0, n1, n2, c0, c1, c2, nb0, nb1, stride_ht, stride_bs0, stride_bs1, stride_bs2,
-                             stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False,
-                             PREFETCH: tl.constexpr = False):
+                             stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_start(PDL)
         pid_n = tl.program_id(1)
         g = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb0 + nb1).to(tl.int32)
         first = _pick(g, 0, nb0, nb0 + nb1)
-        if PDL and PREFETCH:
-            _bgmv_expand_prefetch(_pick(g, b0, b1, b2), slot_ptr, _pick(g, m0, m1, m2), _pick(g, r0, r1, r2),
-                                  tl.program_id(0), pid_n - first, _pick(g, n0, n1, n2),
-                                  _pick(g, stride_bs0, stride_bs1, stride_bs2), stride_bn, BLOCK_N, True)
-        pdl_start(PDL)
         col = _pick(g, c0, c1, c2)
         _bgmv_expand_body(_pick(g, h0, h1, h2), _pick(g, b0, b1, b2), slot_ptr, _pick(g, m0, m1, m2),
                           _pick(g, r0, r1, r2), _pick(g, s0, s1, s2), y_ptr + col, tl.program_id(0), pid_n - first,
@@ -141,13 +131,13 @@ def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[G
             x, token_slot, *[m.a for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.h for m in ms], H_in, k_per_split, x.stride(0), a.stride(0), a.stride(1), members[0].h.stride(0),
             BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=shrink_num_warps,
-            **lora_pdl_kwargs(x))
+            **pdl_kwargs(x))
         _group_expand_kernel[(T, sum(nbs[:G]))](
             token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
             members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
             BLOCK_N=block_n, BLOCK_R=expand_block_r, num_warps=expand_num_warps,
-            **lora_pdl_kwargs(y))
+            **pdl_kwargs(y))
     return y
 
 

@@ -11,10 +11,7 @@ pays launch latency, ramp-up and tail on the critical path. With PDL:
     visible. Correctness is therefore the same as with normal launches;
   * the NF4 linear first prefetches the first word tiles of its weights into L2 (the weights
     are read-only and depend on no kernel), then waits: the weight stream of one linear starts
-    while the norm / attention / LoRA kernels before it run;
-  * the BGMV LoRA kernels likewise prefetch their adapter rows (shrink: the program's A rows
-    and K range; expand: its B rows) for the token's slot before they wait: token slots, slot
-    maps and ranks are written before the step starts, never by the kernel just before.
+    while the norm / attention / LoRA kernels before it run.
 
 Kernels before a non-PDL kernel (torch, cuBLAS) just wait as usual. Under CUDA-graph capture
 the programmatic edges are recorded into the graph.
@@ -23,8 +20,7 @@ Off by default: on the H100 it did not pay (docs/BENCHMARKS.md, "Programmatic de
 launch"): the 7B-shaped decode step was within noise at batch 32 with adapters and slower
 without, and the NF4 linear alone was slower at split-K 8. QUIVER_PDL=1 turns it on for CUDA
 devices of compute capability >= 9.0 when Triton exposes it (QUIVER_PDL_PREFETCH=0 keeps PDL
-but skips the NF4 weight prefetch, QUIVER_LORA_PREFETCH=0 the LoRA one); never under
-TRITON_INTERPRET.
+but skips the NF4 weight prefetch); never under TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -41,7 +37,7 @@ except Exception:  # pragma: no cover - older Triton or no Triton
     gdc_launch_dependents = gdc_wait = None
     _HAS_GDC = False
 
-__all__ = ["pdl_kwargs", "lora_pdl_kwargs", "pdl_enabled", "prefetch_enabled", "pdl_start", "prefetch_l2"]
+__all__ = ["pdl_kwargs", "pdl_enabled", "prefetch_enabled", "pdl_start", "prefetch_l2"]
 
 
 def _interpreting() -> bool:
@@ -62,15 +58,6 @@ def pdl_enabled(t: torch.Tensor) -> bool:
 
 def prefetch_enabled() -> bool:
     return os.environ.get("QUIVER_PDL_PREFETCH", "1") != "0"
-
-
-def lora_pdl_kwargs(t: torch.Tensor) -> dict:
-    """pdl_kwargs for a BGMV kernel (a `PREFETCH: tl.constexpr = False` parameter too): with PDL
-    it prefetches its adapter rows into L2 before it waits, unless QUIVER_LORA_PREFETCH=0."""
-    kw = pdl_kwargs(t)
-    if kw and os.environ.get("QUIVER_LORA_PREFETCH", "1") != "0":
-        kw["PREFETCH"] = True
-    return kw
 
 
 def pdl_kwargs(t: torch.Tensor) -> dict:
