@@ -44,12 +44,17 @@ def serve(args: argparse.Namespace) -> int:
     from quiver.adapters.files import AdapterError
     from quiver.server.loader import ModelLoadError
 
-    server_cfg = ServerConfig(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
-                              adapter_slots=args.adapter_slots, max_rank=args.max_rank, pinned_mib=args.pinned_mib)
-    model_cfg = ModelConfig(model=args.model, quantize=args.quantize, dtype=args.dtype, device=args.device,
-                            nf4_kernel=args.nf4_kernel)
-    engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+    try:
+        server_cfg = ServerConfig(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
+                                  adapter_slots=args.adapter_slots, max_rank=args.max_rank, pinned_mib=args.pinned_mib)
+        model_cfg = ModelConfig(model=args.model, quantize=args.quantize, dtype=args.dtype, device=args.device,
+                                nf4_kernel=args.nf4_kernel)
+        engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len)
+    except ValueError as exc:  # a flag out of range: say which, no traceback
+        print(f"quiver serve: {exc}", file=sys.stderr)
+        return 2
     server = Server(server_cfg, model_cfg, engine_cfg)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

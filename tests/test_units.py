@@ -467,3 +467,16 @@ def test_stage_into_an_arena_and_beyond_it():
     assert inside == [True, False]  # 768 B of bf16 rows + 3 x 256 B of ranks, scaling, has: one fits in 2 KiB
     for got, want in zip(first.staged[("lora", "q_proj")], plain.staged[("lora", "q_proj")]):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--pinned-mib", "-1"], "pinned_mib must be >= 0"),
+    (["--adapter-slots", "0"], "adapter_slots and max_rank must be positive"),
+    (["--port", "70000"], "port out of range"),
+])
+def test_serve_refuses_out_of_range_flags_without_a_traceback(capsys, flags, message):
+    from quiver.server.cli import main
+
+    assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
