@@ -132,7 +132,10 @@ def load_model(cfg: ModelConfig, keep_hf: bool = False) -> LoadedModel:
     dtype = pick_dtype(cfg.dtype, device)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    try:  # a directory: safetensors only, so a pickled checkpoint beside a stray .safetensors is never loaded
+        hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **(kwargs or {"use_safetensors": True}))
+    except OSError as exc:  # transformers' "no file named model.safetensors"
+        raise ModelLoadError(f"{directory}: no loadable safetensors checkpoint ({exc})") from None
     return wrap_hf_model(hf, tokenizer, cfg, cfg.model or f"embedded:{EMBEDDED_FILE}", device, dtype, keep_hf)
 
 

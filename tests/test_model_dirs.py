@@ -6,6 +6,8 @@ directory, and compared token for token with transformers on the same weights.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,3 +41,17 @@ def test_bad_model_paths_fail_clearly(tmp_path):
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ModelLoadError, match="safetensors"):
         load_model(ModelConfig(model=str(tmp_path / "pickled")))
+
+
+def test_pickled_checkpoint_beside_a_stray_safetensors_is_not_loaded(tmp_path):
+    """A directory whose weights are only a pickle (pytorch_model.bin) is refused even when some
+    other .safetensors file sits beside it: transformers is told safetensors only."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(tiny_model_dir(tmp_path, "llama"))
+    state = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    torch.save(state, path / "pytorch_model.bin")  # a loadable pickle: it must not be opened
+    save_file({"x": torch.zeros(1)}, str(path / "stray.safetensors"))
+    with pytest.raises(ModelLoadError, match="no loadable safetensors checkpoint"):
+        load_model(ModelConfig(model=str(path), device="cpu"))
