@@ -165,7 +165,6 @@ class AdapterManager:
                 return False
             slot = self.pool.load(ref.weights)
             self._place_prefix(slot, ref.weights)
-            self.arena.fence(ref.weights)  # after the prefix copies too
         self.pool.pin(slot)
         seq.slot = slot
         return True
@@ -195,6 +194,7 @@ class AdapterManager:
         for layer in range(len(kv.k)):
             kv.k[layer][slots] = src[layer, 0].to(dev, kv.k[layer].dtype, non_blocking=True)
             kv.v[layer][slots] = src[layer, 1].to(dev, kv.v[layer].dtype, non_blocking=True)
+        self.arena.fence(w)  # these copies read its staged range too (pool.load fenced the slot copies)
 
     def reset_pool(self, num_slots: int) -> None:
         """A fresh, empty accelerator pool (at start; benchmarks resize it between runs)."""

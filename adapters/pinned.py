@@ -72,10 +72,12 @@ class PinnedArena:
 
     def _reclaim(self) -> None:
         """Moves handed-back ranges whose copies are done to the free list (lock held)."""
-        done = [p for p in self.pending if p[2][0] is None or p[2][0].query()]
+        done, waiting = [], []
+        for p in self.pending:
+            (done if p[2][0] is None or p[2][0].query() else waiting).append(p)
         if not done:
             return
-        self.pending = [p for p in self.pending if p not in done]
+        self.pending = waiting
         ranges = sorted(self.free + [(off, n) for off, n, _ in done])
         merged = [ranges[0]]
         for off, size in ranges[1:]:

@@ -33,6 +33,7 @@ from quiver.adapters.pinned import ALIGN, PinnedArena
 from quiver.adapters.weights import AdapterWeights
 
 VECTOR_TABLES = ("in_scale", "out_scale", "out_add")
+SERVED_UNSTAGED = ("bottleneck", "soft prompt")  # AdapterWeights.named_tensors kinds that stage() leaves alone
 FILL_THREADS = 8  # row copies (A, B of each projection) staged in parallel (1: one after another)
 FILL = {"in_scale": 1.0, "out_scale": 1.0, "out_add": 0.0}  # a slot (or layer) without the vector
 
@@ -163,8 +164,7 @@ def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims:
             job()
     if check:
         served = [buf for dt, (buf, _) in buffers.items() if dt.is_floating_point]
-        served += [t for bn in w.bottleneck.values() for t in (bn.down, bn.down_bias, bn.up, bn.up_bias)]
-        served += [w.prompt_embeds] if w.prompt_embeds is not None else []
+        served += [t for kind, _, t in w.named_tensors() if kind in SERVED_UNSTAGED]
         if not all(is_finite(t) for t in served):
             w.staged = {}
             raise AdapterError(f"{w.info.adapter_id}: {_non_finite(w, dtype)}")
@@ -172,15 +172,9 @@ def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims:
 
 def _non_finite(w: AdapterWeights, dtype: torch.dtype) -> str:
     """Why w's served rows are not finite: where its float32 tensors hold NaN or Inf, else the range."""
-    named = [(f"layer {k[0]} {k[1]} LoRA", t) for k, d in w.lora.items() for t in (d.a, d.b)]
-    for kind in VECTOR_TABLES:
-        named += [(f"layer {k[0]} {k[1]} {kind} vector", t) for k, t in getattr(w, kind).items()]
-    named += [(f"layer {k[0]} {k[1]} bottleneck", t) for k, bn in w.bottleneck.items()
-              for t in (bn.down, bn.down_bias, bn.up, bn.up_bias)]
-    named += [(what, t) for what, t in (("prefix KV", w.prefix_kv), ("soft prompt", w.prompt_embeds)) if t is not None]
-    for what, t in named:
+    for kind, key, t in w.named_tensors():
         if not is_finite(t):
-            return f"{what} holds NaN or Inf"
+            return f"{f'layer {key[0]} {key[1]} ' if key else ''}{kind} holds NaN or Inf"
     return f"values beyond the range of {str(dtype).removeprefix('torch.')}, the serving dtype"
 
 

@@ -69,16 +69,21 @@ class AdapterWeights:
     # the slot pool's rows of this adapter, prebuilt off the engine thread (adapters/staging.py)
     staged: dict = field(default_factory=dict, repr=False)
 
-    def tensors(self) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-        for d in self.lora.values():
-            out += [d.a, d.b]
-        for bn in self.bottleneck.values():
-            out += [bn.down, bn.down_bias, bn.up, bn.up_bias]
-        for table in (self.in_scale, self.out_scale, self.out_add):
-            out += list(table.values())
-        out += [t for t in (self.prefix_kv, self.prompt_embeds) if t is not None]
+    def named_tensors(self) -> list[tuple[str, Key | None, torch.Tensor]]:
+        """(kind, (layer, projection) or None, tensor) for every tensor: kind is "LoRA",
+        "bottleneck", "in_scale vector", "out_scale vector", "out_add vector", "prefix KV" or
+        "soft prompt"."""
+        out: list = [("LoRA", k, t) for k, d in self.lora.items() for t in (d.a, d.b)]
+        out += [("bottleneck", k, t) for k, bn in self.bottleneck.items()
+                for t in (bn.down, bn.down_bias, bn.up, bn.up_bias)]
+        for kind in ("in_scale", "out_scale", "out_add"):
+            out += [(f"{kind} vector", k, t) for k, t in getattr(self, kind).items()]
+        out += [(kind, None, t) for kind, t in (("prefix KV", self.prefix_kv), ("soft prompt", self.prompt_embeds))
+                if t is not None]
         return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, _, t in self.named_tensors()]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
