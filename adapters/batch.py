@@ -15,6 +15,8 @@ The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from quiver.adapters.bottleneck import ACTIVATIONS
@@ -22,6 +24,9 @@ from quiver.adapters.pool import ACT_NAMES
 from quiver.adapters.pool import LowRankStack, SlotPool
 from quiver.kernels import add_by_slot, lora_expand, lora_shrink, scale_by_slot
 from quiver.kernels.lora_group import GroupMember, lora_group
+
+# LoRA shrinks inside the NF4 base kernel's launch (QUIVER_SHRINK_IN_BASE=0: their own launch)
+SHRINK_IN_BASE = os.environ.get("QUIVER_SHRINK_IN_BASE", "1") != "0"
 
 
 class AdapterBatch:
@@ -56,28 +61,43 @@ class AdapterBatch:
         x = x.clone()
         return scale_by_slot(x, vec, self.token_slot)
 
-    def linear(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def linear(self, layer: int, name: str, x: torch.Tensor, base) -> torch.Tensor:
+        """base(x) with the projection's adapters (base: the projection's module)."""
         key = (layer, name)
-        st = self.pool.lora.get(key)
-        if st is not None:  # 2 launches: the kernels map token slots through st.present themselves
-            h = lora_shrink(x, st.a, self.token_slot, st.ranks, slot_map=st.present, out=self.shrink_out.get(key))
-            lora_expand(h, st.b, self.token_slot, st.ranks, st.scaling, y, slot_map=st.present)
-        return self._after_lora(key, y)
+        members = self._members([key], [0])
+        return self._after_lora(key, self._lora(base, x, members))
 
-    def group_linear(self, layer: int, names: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
+    def group_linear(self, layer: int, names: tuple[str, ...], x: torch.Tensor, base,
                      widths: list[int]) -> list[torch.Tensor]:
-        """`linear` for every member of a fused projection group at once: y [T, sum(widths)] is
-        the fused matmul's output; the LoRAs of all members take 2 launches (kernels/lora_group.py)."""
+        """`linear` for every member of a fused projection group at once: base is the fused
+        module, whose output [T, sum(widths)] is split; the LoRAs of all members take 2 launches
+        (kernels/lora_group.py)."""
         keys = [(layer, n) for n in names]
+        y = self._lora(base, x, self._members(keys, widths))
+        return [self._after_lora(key, part) for key, part in zip(keys, y.split(widths, dim=-1))]
+
+    def _members(self, keys: list, widths: list[int]) -> list[GroupMember]:
         members, col = [], 0
+        T = self.token_slot.shape[0]
         for key, width in zip(keys, widths):
             st = self.pool.lora.get(key)
             if st is not None:
-                members.append(GroupMember(st.a, st.b, st.ranks, st.scaling, st.present, self.shrink_out[key], col))
+                h = self.shrink_out.get(key)
+                if h is None:
+                    h = torch.zeros(T, st.a.shape[1], dtype=torch.float32, device=self.token_slot.device)
+                members.append(GroupMember(st.a, st.b, st.ranks, st.scaling, st.present, h, col))
             col += width
-        if members:
-            lora_group(x, self.token_slot, members, y)
-        return [self._after_lora(key, part) for key, part in zip(keys, y.split(widths, dim=-1))]
+        return members
+
+    def _lora(self, base, x: torch.Tensor, members: list[GroupMember]) -> torch.Tensor:
+        """y = base(x) plus the members' LoRA deltas. An NF4 base runs the shrinks in its own
+        launch (SHRINK_IN_BASE); then one expand launch."""
+        if not members:
+            return base(x)
+        if SHRINK_IN_BASE and getattr(base, "takes_shrink", False):
+            y = base(x, shrink=(self.token_slot, members))
+            return lora_group(x, self.token_slot, members, y, shrunk=True)
+        return lora_group(x, self.token_slot, members, base(x))
 
     def _after_lora(self, key, y: torch.Tensor) -> torch.Tensor:
         pool = self.pool

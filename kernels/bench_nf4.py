@@ -399,6 +399,44 @@ def run_words_sweep(args) -> dict:
     return dict(words_sweep=results)
 
 
+WORDS_VARIANTS = ({}, {"halves": True}, {"maxnreg": 168}, {"maxnreg": 128}, {"halves": True, "maxnreg": 128})
+
+
+def _compiled(fn) -> dict:
+    """{cache key: (registers, spills)} of a JIT function's compiled kernels (best effort)."""
+    out = {}
+    for entry in getattr(fn, "device_caches", {}).values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        for key, k in getattr(cache, "items", lambda: [])():
+            out[key] = (getattr(k, "n_regs", None), getattr(k, "n_spills", None))
+    return out
+
+
+def run_words_variants(args) -> dict:
+    """Per (M, shape): the word kernel's defaults against register-bound variants (WORDS_VARIANTS:
+    the codes looked up half a word at a time, a register cap), with each kernel's registers."""
+    from quiver.kernels import nf4_words
+
+    layers = build_layers(args.layers)
+    results = []
+    for M, label, N, K, xs, n_lin in sweep_cases(layers, args.m):
+        row = dict(M=M, shape=label, variants=[])
+        for var in WORDS_VARIANTS:
+            before = _compiled(nf4_words._nf4_words_kernel)
+            try:
+                us = time_graph(make_pass(layers, "words", xs, dict(var), only=(N, K)), reps=args.reps) * 1e3 / n_lin
+            except Exception as e:
+                torch.cuda.synchronize()
+                print(f"  M={M} {label} {var}: failed {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                continue
+            new = [v for k, v in _compiled(nf4_words._nf4_words_kernel).items() if k not in before]
+            row["variants"].append(dict(cfg=var, us=us, regs_spills=new))
+            print(f"M={M:3d} {label:8s} {str(var):40s} {us:7.1f} us  {weight_bytes(N, K) / (us * 1e-6) / 1e9:5.0f} GB/s"
+                  f"  regs/spills {new}")
+        results.append(row)
+    return dict(words_variants=results)
+
+
 def run_sweep(args) -> dict:
     layers = build_layers(args.layers)
     results = []
@@ -427,6 +465,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="sweep kernel configs per (M, shape) instead")
     ap.add_argument("--words-sweep", action="store_true",
                     help="sweep the word-layout kernel (kernels/nf4_words.py) against bf16, bnb and the byte kernel")
+    ap.add_argument("--words-variants", action="store_true",
+                    help="time the word kernel's defaults against WORDS_VARIANTS (register-bound variants)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_nf4 needs a CUDA device", file=sys.stderr)
@@ -442,7 +482,10 @@ def main(argv=None) -> int:
                 torch=torch.__version__, triton=triton.__version__, bitsandbytes=bnb.__version__,
                 layers=args.layers, scaled_to_layers=N_LAYERS, ms=args.m, reps=args.reps)
     with torch.inference_mode():
-        res = run_words_sweep(args) if args.words_sweep else run_sweep(args) if args.sweep else run_bench(args)
+        if args.words_variants:
+            res = run_words_variants(args)
+        else:
+            res = run_words_sweep(args) if args.words_sweep else run_sweep(args) if args.sweep else run_bench(args)
     res["meta"] = meta
     if args.out:
         with open(args.out, "w") as f:

@@ -436,18 +436,34 @@ if HAS_TRITON:
         return slot_c, tl.where(slot >= 0, tl.load(rank_ptr + slot_c), 0)
 
     @triton.jit
+    def _token_slot(slot_ptr, map_ptr, t, HAS_MAP: tl.constexpr):
+        """(slot clamped to >= 0 as int64, whether token t has an adapter in this stack)."""
+        slot = tl.load(slot_ptr + t)
+        if HAS_MAP:
+            slot = tl.load(map_ptr + slot + 1)
+        return tl.maximum(slot, 0).to(tl.int64), slot >= 0
+
+    @triton.jit
     def _bgmv_shrink_body(x_ptr, a_ptr, slot_ptr, map_ptr, rank_ptr, h_ptr, t, pid_r, pid_k, H_in, K_PER_SPLIT,
                           stride_xt, stride_as, stride_ar, stride_ht,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                          HAS_MAP: tl.constexpr):
-        slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
-        r_lo = pid_r * BLOCK_R
-        r_offs = r_lo + tl.arange(0, BLOCK_R)
-        r_mask = r_offs < rank
+                          HAS_MAP: tl.constexpr, R_FLAT: tl.constexpr = 0):
+        """R_FLAT (the pool rank, when one rank block holds it): A's loads wait only for the
+        token's slot, not for its rank too (rows past the rank are read and not stored)."""
         k_lo = pid_k * K_PER_SPLIT
         k_hi = tl.minimum(k_lo + K_PER_SPLIT, H_in)
-        # No adapter, or this rank block is past the slot's rank: zero iterations.
-        k_hi = tl.where(r_lo < rank, k_hi, k_lo)
+        r_lo = pid_r * BLOCK_R
+        r_offs = r_lo + tl.arange(0, BLOCK_R)
+        if R_FLAT > 0:
+            slot_c, has = _token_slot(slot_ptr, map_ptr, t, HAS_MAP)
+            rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
+            r_mask = r_offs < R_FLAT
+            k_hi = tl.where(has, k_hi, k_lo)  # no adapter: zero iterations
+        else:
+            slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
+            r_mask = r_offs < rank
+            # No adapter, or this rank block is past the slot's rank: zero iterations.
+            k_hi = tl.where(r_lo < rank, k_hi, k_lo)
         k_offs = tl.arange(0, BLOCK_K)
         x_row = x_ptr + t.to(tl.int64) * stride_xt
         a_rows = a_ptr + slot_c * stride_as + r_offs[:, None].to(tl.int64) * stride_ar
@@ -494,24 +510,39 @@ if HAS_TRITON:
     @triton.jit
     def _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, t, pid_n, H_out,
                           stride_ht, stride_bs, stride_bn, stride_yt,
-                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr):
-        slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
+                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr,
+                          R_FLAT: tl.constexpr = 0):
+        """R_FLAT (the pool rank, <= BLOCK_R): one rank block; y and h are loaded before the
+        token's slot is known and B's load waits only for the slot (its rank masks after)."""
         n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n_offs < H_out
         r_offs = tl.arange(0, BLOCK_R)
         h_row = h_ptr + t.to(tl.int64) * stride_ht
-        b_rows = b_ptr + slot_c * stride_bs + n_offs[:, None].to(tl.int64) * stride_bn
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k in range(0, rank, BLOCK_R):  # rank-bound loop; 0 iterations without adapter
-            rr = k + r_offs
-            rk_mask = rr < rank
-            hv = tl.load(h_row + rr, mask=rk_mask, other=0.0).to(tl.float32)
-            bv = tl.load(b_rows + rr[None, :], mask=n_mask[:, None] & rk_mask[None, :], other=0.0)
-            acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
-        scale = tl.load(scale_ptr + slot_c)
-        y_mask = n_offs < tl.where(rank > 0, H_out, 0)
         y_row = y_ptr + t.to(tl.int64) * stride_yt + n_offs
-        yv = tl.load(y_row, mask=y_mask, other=0.0).to(tl.float32)
+        if R_FLAT > 0:
+            yv = tl.load(y_row, mask=n_mask, other=0.0).to(tl.float32)
+            hv = tl.load(h_row + r_offs, mask=r_offs < R_FLAT, other=0.0).to(tl.float32)
+            slot_c, has = _token_slot(slot_ptr, map_ptr, t, HAS_MAP)
+            b_rows = b_ptr + slot_c * stride_bs + n_offs[:, None].to(tl.int64) * stride_bn
+            bv = tl.load(b_rows + r_offs[None, :], mask=(n_offs < tl.where(has, H_out, 0))[:, None]
+                         & (r_offs < R_FLAT)[None, :], other=0.0)
+            rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
+            scale = tl.load(scale_ptr + slot_c)
+            acc = tl.sum(tl.where((r_offs < rank)[None, :], bv.to(tl.float32) * hv[None, :], 0.0), axis=1)
+            y_mask = n_offs < tl.where(has, H_out, 0)
+        else:
+            slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)
+            b_rows = b_ptr + slot_c * stride_bs + n_offs[:, None].to(tl.int64) * stride_bn
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in range(0, rank, BLOCK_R):  # rank-bound loop; 0 iterations without adapter
+                rr = k + r_offs
+                rk_mask = rr < rank
+                hv = tl.load(h_row + rr, mask=rk_mask, other=0.0).to(tl.float32)
+                bv = tl.load(b_rows + rr[None, :], mask=n_mask[:, None] & rk_mask[None, :], other=0.0)
+                acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
+            scale = tl.load(scale_ptr + slot_c)
+            y_mask = n_offs < tl.where(rank > 0, H_out, 0)
+            yv = tl.load(y_row, mask=y_mask, other=0.0).to(tl.float32)
         tl.store(y_row, (yv + scale * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
     @triton.jit

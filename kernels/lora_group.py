@@ -13,10 +13,15 @@ h [T, R] float32; all members' a stacks share shape and strides (same H_in, same
 exactly kernels/lora.py's lora_shrink + lora_expand per member (the reference runs those);
 the Triton path runs one shrink launch over all members (grid axis 2 = member x K split) and one
 expand launch whose column blocks span the members. Up to MAX_MEMBERS members.
+
+The shrink half can also run inside the launch of the NF4 word kernel that computes y from the
+same x (`shrink_plan` gives its programs; kernels/nf4_words.py): then
+`lora_group(..., shrunk=True)` runs the expand only.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +37,13 @@ if HAS_TRITON:
 
     from .lora import _bgmv_expand_body, _bgmv_shrink_body
 
-__all__ = ["GroupMember", "lora_group", "reference_lora_group", "triton_lora_group", "MAX_MEMBERS"]
+__all__ = ["GroupMember", "ShrinkPlan", "group_shrink", "lora_group", "reference_lora_group", "shrink_plan",
+           "triton_lora_group", "MAX_MEMBERS"]
 
 MAX_MEMBERS = 3
+# One rank block (pool rank <= the block): loads wait for the token's slot only, not its rank
+# (kernels/lora.py R_FLAT). QUIVER_LORA_EARLY=0: the rank-bound loops.
+LORA_EARLY = os.environ.get("QUIVER_LORA_EARLY", "1") != "0"
 
 
 @dataclass
@@ -64,20 +73,33 @@ if HAS_TRITON:
         return tl.where(i == 0, v0, tl.where(i == 1, v1, v2))
 
     @triton.jit
-    def _group_shrink_kernel(x_ptr, slot_ptr, a0, a1, a2, m0, m1, m2, r0, r1, r2, h0, h1, h2, H_in, K_PER_SPLIT,
-                             stride_xt, stride_as, stride_ar, stride_ht,
-                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr = False):
-        pdl_start(PDL)
-        pid_z = tl.program_id(2)
+    def _group_shrink_program(x_ptr, slot_ptr, a0, a1, a2, m0, m1, m2, r0, r1, r2, h0, h1, h2, pid_t, pid_r, pid_z,
+                              H_in, K_PER_SPLIT, stride_xt, stride_as, stride_ar, stride_ht,
+                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                              R_FLAT: tl.constexpr):
+        """One shrink program: token pid_t, rank block pid_r, member x K split pid_z (also run
+        by the NF4 word kernel's extra programs, kernels/nf4_words.py)."""
         g = pid_z // SPLIT_K
         _bgmv_shrink_body(x_ptr, _pick(g, a0, a1, a2), slot_ptr, _pick(g, m0, m1, m2), _pick(g, r0, r1, r2),
-                          _pick(g, h0, h1, h2), tl.program_id(0), tl.program_id(1), pid_z % SPLIT_K, H_in,
-                          K_PER_SPLIT, stride_xt, stride_as, stride_ar, stride_ht, BLOCK_R, BLOCK_K, SPLIT_K, True)
+                          _pick(g, h0, h1, h2), pid_t, pid_r, pid_z % SPLIT_K, H_in,
+                          K_PER_SPLIT, stride_xt, stride_as, stride_ar, stride_ht, BLOCK_R, BLOCK_K, SPLIT_K, True,
+                          R_FLAT)
+
+    @triton.jit
+    def _group_shrink_kernel(x_ptr, slot_ptr, a0, a1, a2, m0, m1, m2, r0, r1, r2, h0, h1, h2, H_in, K_PER_SPLIT,
+                             stride_xt, stride_as, stride_ar, stride_ht,
+                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                             R_FLAT: tl.constexpr = 0, PDL: tl.constexpr = False):
+        pdl_start(PDL)
+        _group_shrink_program(x_ptr, slot_ptr, a0, a1, a2, m0, m1, m2, r0, r1, r2, h0, h1, h2, tl.program_id(0),
+                              tl.program_id(1), tl.program_id(2), H_in, K_PER_SPLIT, stride_xt, stride_as, stride_ar,
+                              stride_ht, BLOCK_R, BLOCK_K, SPLIT_K, R_FLAT)
 
     @triton.jit
     def _group_expand_kernel(slot_ptr, y_ptr, h0, h1, h2, b0, b1, b2, m0, m1, m2, r0, r1, r2, s0, s1, s2,
                              n0, n1, n2, c0, c1, c2, nb0, nb1, stride_ht, stride_bs0, stride_bs1, stride_bs2,
-                             stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+                             stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                             R_FLAT: tl.constexpr = 0, PDL: tl.constexpr = False):
         pdl_start(PDL)
         pid_n = tl.program_id(1)
         g = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb0 + nb1).to(tl.int32)
@@ -86,7 +108,7 @@ if HAS_TRITON:
         _bgmv_expand_body(_pick(g, h0, h1, h2), _pick(g, b0, b1, b2), slot_ptr, _pick(g, m0, m1, m2),
                           _pick(g, r0, r1, r2), _pick(g, s0, s1, s2), y_ptr + col, tl.program_id(0), pid_n - first,
                           _pick(g, n0, n1, n2), stride_ht, _pick(g, stride_bs0, stride_bs1, stride_bs2), stride_bn,
-                          stride_yt, BLOCK_N, BLOCK_R, True)
+                          stride_yt, BLOCK_N, BLOCK_R, True, R_FLAT)
 
 
 def _check(x, token_slot, members, y) -> None:
@@ -101,48 +123,110 @@ def _check(x, token_slot, members, y) -> None:
     assert x.stride(-1) == 1 and y.stride(-1) == 1 and token_slot.dtype == torch.int32
 
 
+@dataclass
+class ShrinkPlan:
+    """The group shrink's launch: grid (T, n_rb, split_k * G) of programs, its arguments in
+    `_group_shrink_program`'s order (x and token_slot first) and its block sizes."""
+    T: int
+    n_rb: int
+    split_k: int
+    G: int
+    args: tuple
+    block_r: int
+    block_k: int
+    r_flat: int  # the pool rank when one rank block holds it and LORA_EARLY, else 0
+
+    @property
+    def programs(self) -> int:
+        return self.T * self.n_rb * self.split_k * self.G
+
+
+def shrink_plan(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember], *,
+                block_k: int = BGMV_SHRINK_BLOCK_K, max_block_r: int = BGMV_SHRINK_MAX_BLOCK_R,
+                target: int = BGMV_SHRINK_TARGET_PROGRAMS) -> ShrinkPlan:
+    T, H_in = x.shape
+    ms = members + [members[0]] * (MAX_MEMBERS - len(members))  # padding members are never picked
+    G = len(members)
+    R = members[0].a.shape[1]
+    block_r = min(_next_pow2(R), max_block_r)
+    n_rb = _cdiv(R, block_r)
+    split_k = _split_k(T * n_rb * G, H_in, block_k, target, BGMV_SHRINK_MAX_SPLIT_K)
+    k_per_split = _cdiv(_cdiv(H_in, split_k), block_k) * block_k
+    a = members[0].a
+    args = (x, token_slot, *[m.a for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
+            *[m.h for m in ms], H_in, k_per_split, x.stride(0), a.stride(0), a.stride(1), members[0].h.stride(0))
+    return ShrinkPlan(T, n_rb, split_k, G, args, block_r, block_k, R if LORA_EARLY and n_rb == 1 else 0)
+
+
+def triton_group_shrink(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember], *,
+                        block_k: int = BGMV_SHRINK_BLOCK_K, max_block_r: int = BGMV_SHRINK_MAX_BLOCK_R,
+                        target: int = BGMV_SHRINK_TARGET_PROGRAMS, num_warps: int = BGMV_SHRINK_NUM_WARPS) -> None:
+    """Every member's h (+)= x A^T in one launch."""
+    plan = shrink_plan(x, token_slot, members, block_k=block_k, max_block_r=max_block_r, target=target)
+    with _device_ctx(x):
+        _group_shrink_kernel[(plan.T, plan.n_rb, plan.split_k * plan.G)](
+            *plan.args, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k, R_FLAT=plan.r_flat,
+            num_warps=num_warps, **pdl_kwargs(x))
+
+
+def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y: torch.Tensor, *,
+                        block_n: int | None = None, block_r: int = BGMV_EXPAND_BLOCK_R,
+                        num_warps: int | None = None) -> None:
+    """y[:, member columns] += scaling * h B^T for every member, in one launch."""
+    ms = members + [members[0]] * (MAX_MEMBERS - len(members))
+    T, G, R = y.shape[0], len(members), members[0].a.shape[1]
+    tile_n, tile_warps = bgmv_expand_tile(R)
+    block_n, num_warps = block_n or tile_n, num_warps or tile_warps
+    nbs = [_cdiv(m.b.shape[1], block_n) for m in ms]
+    with _device_ctx(y):
+        _group_expand_kernel[(T, sum(nbs[:G]))](
+            token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
+            *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
+            members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
+            BLOCK_N=block_n, BLOCK_R=block_r, R_FLAT=R if LORA_EARLY and R <= block_r else 0, num_warps=num_warps,
+            **pdl_kwargs(y))
+
+
 def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember],
-                      y: torch.Tensor, *, shrink_block_k: int = BGMV_SHRINK_BLOCK_K,
+                      y: torch.Tensor, *, shrunk: bool = False, shrink_block_k: int = BGMV_SHRINK_BLOCK_K,
                       shrink_max_block_r: int = BGMV_SHRINK_MAX_BLOCK_R,
                       shrink_target: int = BGMV_SHRINK_TARGET_PROGRAMS,
                       shrink_num_warps: int = BGMV_SHRINK_NUM_WARPS, expand_block_n: int | None = None,
                       expand_block_r: int = BGMV_EXPAND_BLOCK_R,
                       expand_num_warps: int | None = None) -> torch.Tensor:
     """Keyword arguments are tuning knobs (kernels/bench_lora_group.py sweeps them); the
-    defaults are kernels/lora.py's BGMV constants and bgmv_expand_tile(pool rank)."""
+    defaults are kernels/lora.py's BGMV constants and bgmv_expand_tile(pool rank). shrunk:
+    the members' h already hold x A^T (the NF4 word kernel ran the shrink), expand only."""
     _check(x, token_slot, members, y)
-    T, H_in = x.shape
-    if T == 0:
+    if x.shape[0] == 0:
         return y
-    ms = members + [members[0]] * (MAX_MEMBERS - len(members))  # padding members are never picked
-    G = len(members)
-    R = members[0].a.shape[1]
-    block_r = min(_next_pow2(R), shrink_max_block_r)
-    n_rb = _cdiv(R, block_r)
-    block_k = shrink_block_k
-    split_k = _split_k(T * n_rb * G, H_in, block_k, shrink_target, BGMV_SHRINK_MAX_SPLIT_K)
-    k_per_split = _cdiv(_cdiv(H_in, split_k), block_k) * block_k
-    a = members[0].a
-    tile_n, tile_warps = bgmv_expand_tile(R)
-    block_n, expand_num_warps = expand_block_n or tile_n, expand_num_warps or tile_warps
-    nbs = [_cdiv(m.b.shape[1], block_n) for m in ms]
-    with _device_ctx(x):
-        _group_shrink_kernel[(T, n_rb, split_k * G)](
-            x, token_slot, *[m.a for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
-            *[m.h for m in ms], H_in, k_per_split, x.stride(0), a.stride(0), a.stride(1), members[0].h.stride(0),
-            BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=shrink_num_warps,
-            **pdl_kwargs(x))
-        _group_expand_kernel[(T, sum(nbs[:G]))](
-            token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
-            *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
-            members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
-            BLOCK_N=block_n, BLOCK_R=expand_block_r, num_warps=expand_num_warps,
-            **pdl_kwargs(y))
+    if not shrunk:
+        triton_group_shrink(x, token_slot, members, block_k=shrink_block_k, max_block_r=shrink_max_block_r,
+                            target=shrink_target, num_warps=shrink_num_warps)
+    triton_group_expand(token_slot, members, y, block_n=expand_block_n, block_r=expand_block_r,
+                        num_warps=expand_num_warps)
     return y
 
 
-def lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember], y: torch.Tensor) -> torch.Tensor:
-    """See the module docstring; Triton for CUDA tensors (or QUIVER_FORCE_TRITON=1), else the reference."""
+def group_shrink(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember]) -> None:
+    """The shrink half of lora_group: every member's h (+)= x A^T (h zero-filled before)."""
+    if x.shape[0] == 0:
+        return
+    if use_triton(x, token_slot):
+        triton_group_shrink(x, token_slot, members)
+    else:
+        for m in members:
+            lora_shrink(x, m.a, token_slot, m.ranks, slot_map=m.slot_map, out=m.h)
+
+
+def lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember], y: torch.Tensor,
+               shrunk: bool = False) -> torch.Tensor:
+    """See the module docstring; Triton for CUDA tensors (or QUIVER_FORCE_TRITON=1), else the
+    reference. shrunk: the members' h already hold x A^T (group_shrink or the NF4 word kernel)."""
     if use_triton(x, token_slot, y):
-        return triton_lora_group(x, token_slot, members, y)
-    return reference_lora_group(x, token_slot, members, y)
+        return triton_lora_group(x, token_slot, members, y, shrunk=shrunk)
+    if not shrunk:
+        return reference_lora_group(x, token_slot, members, y)
+    for m in members:
+        lora_expand(m.h, m.b, token_slot, m.ranks, m.scaling, y[:, m.col:m.col + m.b.shape[1]], slot_map=m.slot_map)
+    return y

@@ -39,6 +39,7 @@ import torch
 
 from .lora import HAS_TRITON, _device_ctx, tl, triton, use_triton
 from .nf4 import NF4_CODE, NF4Weight, _interpreting, _num_sms
+from .lora_group import group_shrink, shrink_plan
 from .pdl import pdl_kwargs, pdl_start, prefetch_enabled, prefetch_l2
 
 __all__ = ["WORD_K", "words_from_nf4", "dequantize_words", "triton_nf4_words_linear", "triton_words_dequantize",
@@ -64,6 +65,12 @@ SPLIT_TARGET_PER_SM = 8  # H200 sweep (docs/results/h200/gpu_nf4_words_configs.j
 SPLIT_MAX_ROWS = 256  # split * M: bound on the float32 split-K partials
 WORDS_MAX_M = 128  # above: prefill path (Triton dequantize + cuBLAS)
 DEQUANT_BLOCK_N = 64
+# LoRA shrinks in the word kernel's launch: ~2 programs per SM of 256-input blocks (its 4 warps),
+# not the standalone shrink's ~8 of 128 with 8 warps. H200 engine step, batch 32, 32 rank-16
+# adapters (docs/results/h200/gpu_engine_r7_*.json): adapters' GPU cost +6.8% against +10.0% with
+# 528 programs and +10.3% with the standalone defaults.
+BASE_SHRINK_TARGET = 264
+BASE_SHRINK_BLOCK_K = 256
 PREFETCH_GROUPS = 4  # word groups per program prefetched into L2 under PDL (4 x 16 rows)
 
 
@@ -101,14 +108,10 @@ def _prmt_table(dtype: torch.dtype) -> tuple[int, ...]:
     return tuple(pack(hi, i) for i in range(0, 16, 4)) + tuple(pack(lo, i) for i in range(0, 16, 4))
 
 
-@functools.lru_cache(maxsize=4)
-def _prmt_asm(dtype: torch.dtype) -> str:
-    """PTX: one int32 word ($8) -> its eight nibbles' codes ($0..$7, 16-bit)."""
-    th0, th1, th2, th3, tl0, tl1, tl2, tl3 = (f"0x{v:08x}" for v in _prmt_table(dtype))
-    half = """
+_PRMT_HALF = """
     {shift_s}
     and.b32 s, s, 0x7777;
-    shr.b32 b, $8, {shift_b};
+    shr.b32 b, {w}, {shift_b};
     and.b32 b, b, 0x4444;
     or.b32 b, b, 0x3210;
     prmt.b32 ha, {th0}, {th1}, s;
@@ -122,13 +125,36 @@ def _prmt_asm(dtype: torch.dtype) -> str:
     mov.b32 {{{o0}, {o1}}}, p;
     mov.b32 {{{o2}, {o3}}}, q;
     """
-    tables = dict(th0=th0, th1=th1, th2=th2, th3=th3, tl0=tl0, tl1=tl1, tl2=tl2, tl3=tl3)
-    body = half.format(shift_s="mov.b32 s, $8;", shift_b=1, o0="$0", o1="$1", o2="$2", o3="$3", **tables)
-    body += half.format(shift_s="shr.b32 s, $8, 16;", shift_b=17, o0="$4", o1="$5", o2="$6", o3="$7", **tables)
-    return "{\n.reg .b32 s, b, ha, hb, hi, la, lb, lo, p, q;\n" + body + "}"
+_PRMT_REGS = "{\n.reg .b32 s, b, ha, hb, hi, la, lb, lo, p, q;\n"
+
+
+def _prmt_tables(dtype: torch.dtype) -> dict:
+    names = ("th0", "th1", "th2", "th3", "tl0", "tl1", "tl2", "tl3")
+    return dict(zip(names, (f"0x{v:08x}" for v in _prmt_table(dtype))))
+
+
+def _prmt_part(w: str, high: bool, outs: tuple[str, ...], dtype: torch.dtype) -> str:
+    """PTX body: the four nibbles of one 16-bit half of word `w` -> codes in outs (16-bit)."""
+    shift_s = f"shr.b32 s, {w}, 16;" if high else f"mov.b32 s, {w};"
+    return _PRMT_HALF.format(shift_s=shift_s, w=w, shift_b=17 if high else 1, o0=outs[0], o1=outs[1], o2=outs[2],
+                             o3=outs[3], **_prmt_tables(dtype))
+
+
+@functools.lru_cache(maxsize=4)
+def _prmt_asm(dtype: torch.dtype) -> str:
+    """PTX: one int32 word ($8) -> its eight nibbles' codes ($0..$7, 16-bit)."""
+    body = _prmt_part("$8", False, ("$0", "$1", "$2", "$3"), dtype) + _prmt_part("$8", True, ("$4", "$5", "$6", "$7"), dtype)
+    return _PRMT_REGS + body + "}"
+
+
+@functools.lru_cache(maxsize=8)
+def _prmt_half_asm(dtype: torch.dtype, high: bool) -> str:
+    """PTX: one int32 word ($4) -> the codes of nibbles 0..3 (or 4..7 when high) ($0..$3)."""
+    return _PRMT_REGS + _prmt_part("$4", high, ("$0", "$1", "$2", "$3"), dtype) + "}"
 
 
 if HAS_TRITON:
+    from .lora_group import _group_shrink_program
 
     @triton.jit
     def _nibble_codes(w, code_ptr, asm: tl.constexpr, ty: tl.constexpr, USE_ASM: tl.constexpr):
@@ -146,15 +172,27 @@ if HAS_TRITON:
             c6 = c6.to(ty, bitcast=True)
             c7 = c7.to(ty, bitcast=True)
         else:
-            c0 = tl.load(code_ptr + (w & 15))
-            c1 = tl.load(code_ptr + ((w >> 4) & 15))
-            c2 = tl.load(code_ptr + ((w >> 8) & 15))
-            c3 = tl.load(code_ptr + ((w >> 12) & 15))
-            c4 = tl.load(code_ptr + ((w >> 16) & 15))
-            c5 = tl.load(code_ptr + ((w >> 20) & 15))
-            c6 = tl.load(code_ptr + ((w >> 24) & 15))
-            c7 = tl.load(code_ptr + ((w >> 28) & 15))
+            c0, c1, c2, c3 = _half_codes(w, code_ptr, "", ty, False, 0)
+            c4, c5, c6, c7 = _half_codes(w, code_ptr, "", ty, False, 16)
         return c0, c1, c2, c3, c4, c5, c6, c7
+
+    @triton.jit
+    def _half_codes(w, code_ptr, asm: tl.constexpr, ty: tl.constexpr, USE_ASM: tl.constexpr, SHIFT: tl.constexpr):
+        """Codes of nibbles SHIFT/4 .. SHIFT/4 + 3 of the words (asm: _prmt_half_asm of that half)."""
+        if USE_ASM:
+            i16 = tl.int16
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(asm, "=h,=h,=h,=h,r", [w], dtype=(i16, i16, i16, i16),
+                                                       is_pure=True, pack=1)
+            c0 = c0.to(ty, bitcast=True)
+            c1 = c1.to(ty, bitcast=True)
+            c2 = c2.to(ty, bitcast=True)
+            c3 = c3.to(ty, bitcast=True)
+        else:
+            c0 = tl.load(code_ptr + ((w >> SHIFT) & 15))
+            c1 = tl.load(code_ptr + ((w >> (SHIFT + 4)) & 15))
+            c2 = tl.load(code_ptr + ((w >> (SHIFT + 8)) & 15))
+            c3 = tl.load(code_ptr + ((w >> (SHIFT + 12)) & 15))
+        return c0, c1, c2, c3
 
     @triton.jit
     def _xt_slice(x_cols, kbase, s: tl.constexpr, offs_r, m_mask, stride_xk, ty: tl.constexpr):
@@ -163,36 +201,12 @@ if HAS_TRITON:
                        other=0.0).to(ty)
 
     @triton.jit
-    def _nf4_words_kernel(
-        x_ptr,  # [M, K]
-        w_ptr,  # [G*16, N] int32
-        absmax_ptr,  # [2G, N] float32
-        code_ptr,  # [16] in the dot dtype (interpreter path only)
-        bias_ptr,  # [N] or dummy
-        out_ptr,  # [M, N] x.dtype
-        ws_ptr,  # [S, M, N] float32 split-K partials (dummy when SPLIT_K == 1)
-        lock_ptr,  # zeroed int32 tile counters (split-K)
-        M,
-        N,
-        groups_per_split,
-        G,
-        stride_xm,
-        stride_xk,
-        stride_w,  # row stride of the words (N, or more for a column slice of a fused weight)
-        stride_am,  # row stride of absmax
-        asm: tl.constexpr,
-        DOT_TY: tl.constexpr,
-        USE_ASM: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        SPLIT_K: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        PDL: tl.constexpr = False,
-        PREFETCH: tl.constexpr = 0,  # word groups prefetched into L2 before waiting (PDL only)
-    ):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_s = tl.program_id(2)
+    def _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, groups_per_split, G,
+                    stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm: tl.constexpr,
+                    asm_hi: tl.constexpr, DOT_TY: tl.constexpr, USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+                    PREFETCH: tl.constexpr, HALVES: tl.constexpr):
+        """One output tile [BLOCK_N, BLOCK_M] over split pid_s of the word groups."""
         g_begin = pid_s * groups_per_split
         g_end = tl.minimum(G, g_begin + groups_per_split)
         if PDL and PREFETCH > 0 and BLOCK_N >= 32:
@@ -220,13 +234,18 @@ if HAS_TRITON:
             w = tl.load(w_tile + g * 16 * stride_w, mask=n_mask[:, None], other=0)
             am0 = tl.load(absmax_ptr + (2 * g) * stride_am + offs_n, mask=n_mask, other=0.0)
             am1 = tl.load(absmax_ptr + (2 * g + 1) * stride_am + offs_n, mask=n_mask, other=0.0)
-            c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(w, code_ptr, asm, DOT_TY, USE_ASM)
             kb = g * 128
+            if HALVES:  # the high nibbles' codes only after the low ones' dots (fewer live registers)
+                c0, c1, c2, c3 = _half_codes(w, code_ptr, asm, DOT_TY, USE_ASM, 0)
+            else:
+                c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(w, code_ptr, asm, DOT_TY, USE_ASM)
             p = tl.dot(c0, _xt_slice(x_cols, kb, 0, offs_r, m_mask, stride_xk, DOT_TY))
             p = tl.dot(c1, _xt_slice(x_cols, kb, 1, offs_r, m_mask, stride_xk, DOT_TY), p)
             p = tl.dot(c2, _xt_slice(x_cols, kb, 2, offs_r, m_mask, stride_xk, DOT_TY), p)
             p = tl.dot(c3, _xt_slice(x_cols, kb, 3, offs_r, m_mask, stride_xk, DOT_TY), p)
             acc += p * am0[:, None]
+            if HALVES:
+                c4, c5, c6, c7 = _half_codes(w, code_ptr, asm_hi, DOT_TY, USE_ASM, 16)
             p = tl.dot(c4, _xt_slice(x_cols, kb, 4, offs_r, m_mask, stride_xk, DOT_TY))
             p = tl.dot(c5, _xt_slice(x_cols, kb, 5, offs_r, m_mask, stride_xk, DOT_TY), p)
             p = tl.dot(c6, _xt_slice(x_cols, kb, 6, offs_r, m_mask, stride_xk, DOT_TY), p)
@@ -253,6 +272,66 @@ if HAS_TRITON:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _nf4_words_kernel(
+        x_ptr,  # [M, K]
+        w_ptr,  # [G*16, N] int32
+        absmax_ptr,  # [2G, N] float32
+        code_ptr,  # [16] in the dot dtype (interpreter path only)
+        bias_ptr,  # [N] or dummy
+        out_ptr,  # [M, N] x.dtype
+        ws_ptr,  # [S, M, N] float32 split-K partials (dummy when SPLIT_K == 1)
+        lock_ptr,  # zeroed int32 tile counters (split-K)
+        M,
+        N,
+        groups_per_split,
+        G,
+        stride_xm,
+        stride_xk,
+        stride_w,  # row stride of the words (N, or more for a column slice of a fused weight)
+        stride_am,  # row stride of absmax
+        # LoRA shrink programs of the same x (kernels/lora_group.py), after the tile programs
+        # along grid axis 2; dummies when SHRINK is False
+        slot_ptr, sa0, sa1, sa2, sm0, sm1, sm2, sr0, sr1, sr2, sh0, sh1, sh2, sh_K, sh_k_per_split,
+        sh_stride_xt, sh_stride_as, sh_stride_ar, sh_stride_ht,
+        sh_T,
+        sh_n_rb,
+        sh_programs,
+        asm: tl.constexpr,  # _prmt_asm, or with HALVES the low half's _prmt_half_asm
+        asm_hi: tl.constexpr,  # with HALVES: the high half's _prmt_half_asm
+        DOT_TY: tl.constexpr,
+        USE_ASM: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PDL: tl.constexpr = False,
+        PREFETCH: tl.constexpr = 0,  # word groups prefetched into L2 before waiting (PDL only)
+        HALVES: tl.constexpr = False,  # look the codes up half a word at a time
+        SHRINK: tl.constexpr = False,
+        SH_BLOCK_R: tl.constexpr = 16,
+        SH_BLOCK_K: tl.constexpr = 128,
+        SH_SPLIT_K: tl.constexpr = 1,
+        SH_R_FLAT: tl.constexpr = 0,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        if SHRINK and pid_s >= SPLIT_K:
+            # a LoRA shrink program: it reads the same x as the tiles and shares their launch
+            idx = ((pid_s - SPLIT_K) * tl.num_programs(1) + pid_m) * tl.num_programs(0) + pid_n
+            if idx < sh_programs:
+                pdl_start(PDL)
+                rest = idx // sh_T
+                _group_shrink_program(x_ptr, slot_ptr, sa0, sa1, sa2, sm0, sm1, sm2, sr0, sr1, sr2, sh0, sh1, sh2,
+                                      idx % sh_T, rest % sh_n_rb, rest // sh_n_rb, sh_K, sh_k_per_split, sh_stride_xt,
+                                      sh_stride_as, sh_stride_ar, sh_stride_ht, SH_BLOCK_R, SH_BLOCK_K, SH_SPLIT_K,
+                                      SH_R_FLAT)
+        else:
+            _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
+                        groups_per_split, G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm,
+                        asm_hi, DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, PDL, PREFETCH, HALVES)
 
     @triton.jit
     def _words_dequant_kernel(w_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_w, stride_am,
@@ -305,11 +384,19 @@ def _code_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _CODES[key]
 
 
+Shrink = tuple  # (token_slot [M] int32, [GroupMember]): LoRA shrinks of the same x (kernels/lora_group.py)
+
+
 def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
-                            bias: torch.Tensor | None = None, **overrides) -> torch.Tensor:
+                            bias: torch.Tensor | None = None, shrink: Shrink | None = None,
+                            **overrides) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x [..., K] (float16 | bfloat16 on CUDA; any float under the
     interpreter), W in the word layout (words and absmax may be column slices: row strides are
-    taken). Split-K partials are summed by the last split of each tile, in one launch."""
+    taken). Split-K partials are summed by the last split of each tile, in one launch.
+
+    shrink = (token_slot, members): the same launch also runs the members' LoRA shrinks
+    (m.h (+)= x A^T, as lora_group's shrink launch would) in extra programs after the output
+    tiles: they fill the SMs the tiles leave idle, and their launch is saved."""
     from .nf4 import LOCKS_SIZE, _tile_locks
 
     _check_words(words, absmax)
@@ -339,14 +426,33 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
     locks = _tile_locks(x.device) if S > 1 else absmax
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else absmax
+    halves = bool(cfg.get("halves", False))
+    launch = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}
+    sh_args, sh_const = (absmax,) * 13 + (0,) * 9, {}
+    if shrink is not None:
+        token_slot, members = shrink
+        assert x2.stride(1) == 1 and token_slot.shape == (M,) and all(m.a.dtype == x.dtype for m in members)
+        plan = shrink_plan(x2, token_slot, members, target=BASE_SHRINK_TARGET, block_k=BASE_SHRINK_BLOCK_K)
+        grid = (grid[0], grid[1], S + -(-plan.programs // (grid[0] * grid[1])))
+        sh_args = plan.args[1:] + (plan.T, plan.n_rb, plan.programs)
+        sh_const = dict(SHRINK=True, SH_BLOCK_R=plan.block_r, SH_BLOCK_K=plan.block_k, SH_SPLIT_K=plan.split_k,
+                        SH_R_FLAT=plan.r_flat)
     with _device_ctx(x):
         _nf4_words_kernel[grid](
             x2, words, absmax, _code_table(dot_dtype, x.device), bias_arg, out, ws, locks, M, N, gps, G,
-            x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0),
-            asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
-            HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **_pdl_args(x))
+            x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0), *sh_args,
+            **_asm_args(x.dtype, use_asm, halves), DOT_TY=ty, USE_ASM=use_asm,
+            HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn, HALVES=halves,
+            num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch, **sh_const, **_pdl_args(x))
     return out.reshape(*lead, N)
+
+
+def _asm_args(dtype: torch.dtype, use_asm: bool, halves: bool) -> dict:
+    if not use_asm:
+        return dict(asm="", asm_hi="")
+    if halves:
+        return dict(asm=_prmt_half_asm(dtype, False), asm_hi=_prmt_half_asm(dtype, True))
+    return dict(asm=_prmt_asm(dtype), asm_hi="")
 
 
 def _pdl_args(x: torch.Tensor) -> dict:
@@ -383,13 +489,22 @@ def reference_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.T
 
 
 def nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, shrink: Shrink | None = None) -> torch.Tensor:
     """Dispatch: decode batches (M <= WORDS_MAX_M) run the word kernel; larger M (prefill)
-    dequantize W with a Triton kernel and leave the GEMM to cuBLAS; the reference off CUDA."""
-    if not use_triton(x):
-        return reference_words_linear(x, words, absmax, bias)
+    dequantize W with a Triton kernel and leave the GEMM to cuBLAS; the reference off CUDA.
+    shrink (token_slot, members): the members' LoRA shrinks of x, in the word kernel's launch
+    where it runs, else in their own (lora_group.group_shrink)."""
     M = x.numel() // x.shape[-1]
-    if M <= WORDS_MAX_M and (x.dtype != torch.float32 or _interpreting()):
-        return triton_nf4_words_linear(x, words, absmax, bias)
-    W = triton_words_dequantize(words, absmax, x.dtype)
-    return torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
+    x2 = x.reshape(-1, x.shape[-1])
+    if use_triton(x) and M <= WORDS_MAX_M and (x.dtype != torch.float32 or _interpreting()):
+        if shrink is None or x2.stride(1) == 1:
+            return triton_nf4_words_linear(x, words, absmax, bias, shrink=shrink)
+        y = triton_nf4_words_linear(x, words, absmax, bias)
+    elif not use_triton(x):
+        y = reference_words_linear(x, words, absmax, bias)
+    else:
+        W = triton_words_dequantize(words, absmax, x.dtype)
+        y = torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
+    if shrink is not None:
+        group_shrink(x2, *shrink)
+    return y

@@ -7,7 +7,7 @@ new keys/values into their cache slots, and returns logits only at `batch.sample
 cache through per-step gather indices built once in the StepBatch.
 
 Each projection is `base(x)` (nn.Linear, or a bitsandbytes NF4/int8 module) followed by an
-optional adapter hook `batch.adapters.linear(layer, name, x, y)` that adds the batched
+optional adapter hook `batch.adapters.linear(layer, name, x, base)`: base(x) plus the batched
 adapter deltas of the step (see quiver.adapters). With no adapters the hook is skipped.
 """
 
@@ -31,13 +31,13 @@ class AdapterHook(Protocol):
 
     def pre_linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor: ...
 
-    def linear(self, layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def linear(self, layer: int, name: str, x: torch.Tensor, base: nn.Module) -> torch.Tensor: ...
 
     def begin(self) -> None: ...
 
     def scales_input(self, layer: int, names: tuple[str, ...]) -> bool: ...
 
-    def group_linear(self, layer: int, names: tuple[str, ...], x: torch.Tensor, y: torch.Tensor,
+    def group_linear(self, layer: int, names: tuple[str, ...], x: torch.Tensor, base: nn.Module,
                      widths: list[int]) -> list[torch.Tensor]: ...
 
     def input_embeds(self, embeds: torch.Tensor) -> torch.Tensor: ...
@@ -104,7 +104,7 @@ class DecoderLayer(nn.Module):
         if batch.adapters is None:
             return self.proj[name](x)
         x = batch.adapters.pre_linear(self.index, name, x)
-        return batch.adapters.linear(self.index, name, x, self.proj[name](x))
+        return batch.adapters.linear(self.index, name, x, self.proj[name])
 
     def group(self, group: str, x: torch.Tensor, batch: StepBatch) -> list[torch.Tensor]:
         """The projections of a group (GROUPS in server/fuse.py): one fused matmul whose output
@@ -115,10 +115,9 @@ class DecoderLayer(nn.Module):
         if group not in self.fused or (ad is not None and ad.scales_input(self.index, names)):
             return [self.linear(n, x, batch) for n in names]
         widths = [self.proj[n].out_features for n in names]
-        y = self.fused[group](x)
         if ad is None:
-            return list(y.split(widths, dim=-1))
-        return ad.group_linear(self.index, names, x, y, widths)
+            return list(self.fused[group](x).split(widths, dim=-1))
+        return ad.group_linear(self.index, names, x, self.fused[group], widths)
 
     def forward(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quiver.kernels.lora_group import group_shrink
 from quiver.kernels.nf4 import NF4Weight, nf4_linear, nf4_weight_from_bnb
 from quiver.kernels.nf4_words import WORD_K, dequantize_words, nf4_words_linear, words_from_nf4
 
@@ -42,8 +43,11 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_bnb(cls, linear) -> "NF4Linear":
-        w = nf4_weight_from_bnb(linear.weight)
-        bias = None if linear.bias is None else linear.bias.data
+        return cls.from_weight(nf4_weight_from_bnb(linear.weight), None if linear.bias is None else linear.bias.data)
+
+    @classmethod
+    def from_weight(cls, w: NF4Weight, bias: torch.Tensor | None = None) -> "NF4Linear":
+        """The word layout where K allows it, else the byte layout."""
         if w.shape[1] % WORD_K == 0:
             return cls(None, bias, words=words_from_nf4(w), absmax=w.absmax)
         return cls(w, bias)
@@ -70,7 +74,14 @@ class NF4Linear(nn.Module):
             return dequantize_words(self.words, self.absmax, torch.float32)
         return self.w.dequantize(torch.float32)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_shrink = True  # forward(x, shrink=...) also runs LoRA shrinks of x (adapters/batch.py)
+
+    def forward(self, x: torch.Tensor, shrink: tuple | None = None) -> torch.Tensor:
+        """shrink (token_slot, [GroupMember]): the LoRA shrinks of x (kernels/lora_group.py),
+        in the word kernel's own launch where it runs."""
         if self.words is not None:
-            return nf4_words_linear(x, self.words, self.absmax, self.bias)
-        return nf4_linear(x, self.w, self.bias)
+            return nf4_words_linear(x, self.words, self.absmax, self.bias, shrink=shrink)
+        y = nf4_linear(x, self.w, self.bias)
+        if shrink is not None:
+            group_shrink(x.reshape(-1, x.shape[-1]), *shrink)
+        return y

@@ -165,3 +165,77 @@ def test_pick_words_config_buckets_and_split():
     assert W.pick_words_config(1, 4096, 4096, cpu)["split_k"] == 8  # 32 tiles: the bucket's maximum
     assert W.pick_words_config(8, 4096, 4096, cpu, split_k=2, block_n=32) == dict(
         block_m=16, block_n=32, num_warps=4, num_stages=3, split_k=2)  # overrides win
+
+
+def _lora_members(widths, T, K, R=8, S=3, seed=0):
+    """LoRA members (kernels/lora_group.py) over an input of width K, ranks 1..R, on DEV."""
+    from quiver.kernels.lora_group import GroupMember
+
+    g = torch.Generator().manual_seed(seed)
+    out, col = [], 0
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    for i, n in enumerate(widths):
+        ranks = torch.tensor([(i + 2 * s) % R + 1 for s in range(S)], dtype=torch.int32)
+        a = torch.randn(S, R, K, generator=g)
+        for s in range(S):
+            a[s, ranks[s]:] = float("nan")  # beyond the rank: never read
+        slot_map = torch.tensor([-1, 0, 1, 2, -1 if i == 1 else 0], dtype=torch.int32)  # slot 3: none on member 1
+        out.append(GroupMember(a.to(dtype).to(DEV), torch.randn(S, n, R, generator=g).to(dtype).to(DEV),
+                               ranks.to(DEV), torch.ones(S, device=DEV), slot_map.to(DEV),
+                               torch.zeros(T, R, device=DEV), col))
+        col += n
+    return out
+
+
+@pytest.mark.gpu  # also runs on CPU under the interpreter
+@needs_triton
+@pytest.mark.parametrize("M,widths,kw", [
+    (5, (24, 16, 16), dict(split_k=2, block_n=16)),
+    (1, (8,), dict()),
+    (3, (33, 17), dict(split_k=1)),
+])
+def test_kernel_runs_the_lora_shrinks_of_the_same_x(M, widths, kw):
+    """The shrink programs in the word kernel's launch fill every member's h as the naive
+    x A^T (zeros past a slot's rank and for tokens without adapter) and leave y bit-identical
+    to the launch without them."""
+    N, K = 40, 256
+    w = synthetic(N, K, seed=M)
+    words = W.words_from_nf4(w)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEV)
+    token_slot = torch.tensor([0, -1, 3, 2, 1][:M], dtype=torch.int32, device=DEV)
+    ms = _lora_members(widths, M, K)
+    y = W.triton_nf4_words_linear(x, words, w.absmax, shrink=(token_slot, ms), **kw)
+    assert torch.equal(y, W.triton_nf4_words_linear(x, words, w.absmax, **kw))
+    for i, m in enumerate(ms):
+        want = torch.zeros_like(m.h)
+        for t in range(M):
+            s = int(m.slot_map[int(token_slot[t]) + 1])
+            if s >= 0:
+                r = int(m.ranks[s])
+                want[t, :r] = m.a[s, :r].float() @ x[t].float()
+        torch.testing.assert_close(m.h, want, rtol=1e-3, atol=1e-3)
+        assert m.h.abs().sum() > 0, f"member {i} got no shrink"
+
+
+@pytest.mark.gpu  # also runs on CPU under the interpreter
+@needs_triton
+def test_nf4_linear_shrink_in_either_layout(monkeypatch):
+    """NF4Linear.forward(x, shrink=...) gives the same h in the word layout (the shrink in the
+    kernel's launch) and the byte layout (its own launch), and the same y as without it."""
+    from quiver.server.quant import NF4Linear
+
+    monkeypatch.setenv("QUIVER_FORCE_TRITON", "1")
+    w = synthetic(40, 256, seed=4)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(2)).to(DEV)
+    token_slot = torch.tensor([2, -1, 0, 3], dtype=torch.int32, device=DEV)
+    hs = []
+    for mod in (NF4Linear.from_weight(w), NF4Linear(w, None)):
+        ms = _lora_members((16, 24), 4, 256, seed=5)
+        if CUDA:
+            x = x.to(torch.bfloat16)
+        y = mod(x, shrink=(token_slot, ms))
+        torch.testing.assert_close(y, mod(x), rtol=0, atol=0)
+        hs.append(torch.cat([m.h for m in ms], dim=1))
+    assert hs[0].abs().sum() > 0
+    torch.testing.assert_close(hs[0], hs[1], rtol=1e-3, atol=1e-3)
