@@ -9,7 +9,9 @@ Per projection, for the tokens of each slot (one launch per kind, any mix of met
   y    = y * out_scale[slot] + out_add[slot]              (IA3, DoRA, BitFit)
   y   += up[slot](act(down[slot] y + bd[slot])) + bu[slot] (bottleneck)
 For a fused projection group (q|k|v, gate|up: server/fuse.py) `group_linear` does the same
-for all members at once, their LoRAs in two launches (kernels/lora_group.py).
+for all members at once, their LoRAs in two launches (kernels/lora_group.py). The hooks take
+the projection's module, not its output: an NF4 base (server/quant.py) runs the LoRA shrinks
+in its own kernel's launch, and one expand launch follows.
 The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on CPU.
 """
 

@@ -399,7 +399,7 @@ def run_words_sweep(args) -> dict:
     return dict(words_sweep=results)
 
 
-WORDS_VARIANTS = ({}, {"halves": True}, {"maxnreg": 168}, {"maxnreg": 128}, {"halves": True, "maxnreg": 128})
+WORDS_VARIANTS = ({}, {"maxnreg": 168}, {"maxnreg": 128})
 
 
 def _compiled(fn) -> dict:
@@ -413,8 +413,8 @@ def _compiled(fn) -> dict:
 
 
 def run_words_variants(args) -> dict:
-    """Per (M, shape): the word kernel's defaults against register-bound variants (WORDS_VARIANTS:
-    the codes looked up half a word at a time, a register cap), with each kernel's registers."""
+    """Per (M, shape): the word kernel's defaults against register caps (WORDS_VARIANTS), with each
+    compiled kernel's registers and spills."""
     from quiver.kernels import nf4_words
 
     layers = build_layers(args.layers)
@@ -466,7 +466,7 @@ def main(argv=None) -> int:
     ap.add_argument("--words-sweep", action="store_true",
                     help="sweep the word-layout kernel (kernels/nf4_words.py) against bf16, bnb and the byte kernel")
     ap.add_argument("--words-variants", action="store_true",
-                    help="time the word kernel's defaults against WORDS_VARIANTS (register-bound variants)")
+                    help="time the word kernel's defaults against WORDS_VARIANTS (register caps)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_nf4 needs a CUDA device", file=sys.stderr)

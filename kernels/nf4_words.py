@@ -108,10 +108,14 @@ def _prmt_table(dtype: torch.dtype) -> tuple[int, ...]:
     return tuple(pack(hi, i) for i in range(0, 16, 4)) + tuple(pack(lo, i) for i in range(0, 16, 4))
 
 
-_PRMT_HALF = """
+@functools.lru_cache(maxsize=4)
+def _prmt_asm(dtype: torch.dtype) -> str:
+    """PTX: one int32 word ($8) -> its eight nibbles' codes ($0..$7, 16-bit)."""
+    th0, th1, th2, th3, tl0, tl1, tl2, tl3 = (f"0x{v:08x}" for v in _prmt_table(dtype))
+    half = """
     {shift_s}
     and.b32 s, s, 0x7777;
-    shr.b32 b, {w}, {shift_b};
+    shr.b32 b, $8, {shift_b};
     and.b32 b, b, 0x4444;
     or.b32 b, b, 0x3210;
     prmt.b32 ha, {th0}, {th1}, s;
@@ -125,32 +129,10 @@ _PRMT_HALF = """
     mov.b32 {{{o0}, {o1}}}, p;
     mov.b32 {{{o2}, {o3}}}, q;
     """
-_PRMT_REGS = "{\n.reg .b32 s, b, ha, hb, hi, la, lb, lo, p, q;\n"
-
-
-def _prmt_tables(dtype: torch.dtype) -> dict:
-    names = ("th0", "th1", "th2", "th3", "tl0", "tl1", "tl2", "tl3")
-    return dict(zip(names, (f"0x{v:08x}" for v in _prmt_table(dtype))))
-
-
-def _prmt_part(w: str, high: bool, outs: tuple[str, ...], dtype: torch.dtype) -> str:
-    """PTX body: the four nibbles of one 16-bit half of word `w` -> codes in outs (16-bit)."""
-    shift_s = f"shr.b32 s, {w}, 16;" if high else f"mov.b32 s, {w};"
-    return _PRMT_HALF.format(shift_s=shift_s, w=w, shift_b=17 if high else 1, o0=outs[0], o1=outs[1], o2=outs[2],
-                             o3=outs[3], **_prmt_tables(dtype))
-
-
-@functools.lru_cache(maxsize=4)
-def _prmt_asm(dtype: torch.dtype) -> str:
-    """PTX: one int32 word ($8) -> its eight nibbles' codes ($0..$7, 16-bit)."""
-    body = _prmt_part("$8", False, ("$0", "$1", "$2", "$3"), dtype) + _prmt_part("$8", True, ("$4", "$5", "$6", "$7"), dtype)
-    return _PRMT_REGS + body + "}"
-
-
-@functools.lru_cache(maxsize=8)
-def _prmt_half_asm(dtype: torch.dtype, high: bool) -> str:
-    """PTX: one int32 word ($4) -> the codes of nibbles 0..3 (or 4..7 when high) ($0..$3)."""
-    return _PRMT_REGS + _prmt_part("$4", high, ("$0", "$1", "$2", "$3"), dtype) + "}"
+    tables = dict(th0=th0, th1=th1, th2=th2, th3=th3, tl0=tl0, tl1=tl1, tl2=tl2, tl3=tl3)
+    body = half.format(shift_s="mov.b32 s, $8;", shift_b=1, o0="$0", o1="$1", o2="$2", o3="$3", **tables)
+    body += half.format(shift_s="shr.b32 s, $8, 16;", shift_b=17, o0="$4", o1="$5", o2="$6", o3="$7", **tables)
+    return "{\n.reg .b32 s, b, ha, hb, hi, la, lb, lo, p, q;\n" + body + "}"
 
 
 if HAS_TRITON:
@@ -172,27 +154,15 @@ if HAS_TRITON:
             c6 = c6.to(ty, bitcast=True)
             c7 = c7.to(ty, bitcast=True)
         else:
-            c0, c1, c2, c3 = _half_codes(w, code_ptr, "", ty, False, 0)
-            c4, c5, c6, c7 = _half_codes(w, code_ptr, "", ty, False, 16)
+            c0 = tl.load(code_ptr + (w & 15))
+            c1 = tl.load(code_ptr + ((w >> 4) & 15))
+            c2 = tl.load(code_ptr + ((w >> 8) & 15))
+            c3 = tl.load(code_ptr + ((w >> 12) & 15))
+            c4 = tl.load(code_ptr + ((w >> 16) & 15))
+            c5 = tl.load(code_ptr + ((w >> 20) & 15))
+            c6 = tl.load(code_ptr + ((w >> 24) & 15))
+            c7 = tl.load(code_ptr + ((w >> 28) & 15))
         return c0, c1, c2, c3, c4, c5, c6, c7
-
-    @triton.jit
-    def _half_codes(w, code_ptr, asm: tl.constexpr, ty: tl.constexpr, USE_ASM: tl.constexpr, SHIFT: tl.constexpr):
-        """Codes of nibbles SHIFT/4 .. SHIFT/4 + 3 of the words (asm: _prmt_half_asm of that half)."""
-        if USE_ASM:
-            i16 = tl.int16
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(asm, "=h,=h,=h,=h,r", [w], dtype=(i16, i16, i16, i16),
-                                                       is_pure=True, pack=1)
-            c0 = c0.to(ty, bitcast=True)
-            c1 = c1.to(ty, bitcast=True)
-            c2 = c2.to(ty, bitcast=True)
-            c3 = c3.to(ty, bitcast=True)
-        else:
-            c0 = tl.load(code_ptr + ((w >> SHIFT) & 15))
-            c1 = tl.load(code_ptr + ((w >> (SHIFT + 4)) & 15))
-            c2 = tl.load(code_ptr + ((w >> (SHIFT + 8)) & 15))
-            c3 = tl.load(code_ptr + ((w >> (SHIFT + 12)) & 15))
-        return c0, c1, c2, c3
 
     @triton.jit
     def _xt_slice(x_cols, kbase, s: tl.constexpr, offs_r, m_mask, stride_xk, ty: tl.constexpr):
@@ -203,9 +173,8 @@ if HAS_TRITON:
     @triton.jit
     def _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, groups_per_split, G,
                     stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm: tl.constexpr,
-                    asm_hi: tl.constexpr, DOT_TY: tl.constexpr, USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-                    PREFETCH: tl.constexpr, HALVES: tl.constexpr):
+                    DOT_TY: tl.constexpr, USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
         """One output tile [BLOCK_N, BLOCK_M] over split pid_s of the word groups."""
         g_begin = pid_s * groups_per_split
         g_end = tl.minimum(G, g_begin + groups_per_split)
@@ -234,18 +203,13 @@ if HAS_TRITON:
             w = tl.load(w_tile + g * 16 * stride_w, mask=n_mask[:, None], other=0)
             am0 = tl.load(absmax_ptr + (2 * g) * stride_am + offs_n, mask=n_mask, other=0.0)
             am1 = tl.load(absmax_ptr + (2 * g + 1) * stride_am + offs_n, mask=n_mask, other=0.0)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(w, code_ptr, asm, DOT_TY, USE_ASM)
             kb = g * 128
-            if HALVES:  # the high nibbles' codes only after the low ones' dots (fewer live registers)
-                c0, c1, c2, c3 = _half_codes(w, code_ptr, asm, DOT_TY, USE_ASM, 0)
-            else:
-                c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(w, code_ptr, asm, DOT_TY, USE_ASM)
             p = tl.dot(c0, _xt_slice(x_cols, kb, 0, offs_r, m_mask, stride_xk, DOT_TY))
             p = tl.dot(c1, _xt_slice(x_cols, kb, 1, offs_r, m_mask, stride_xk, DOT_TY), p)
             p = tl.dot(c2, _xt_slice(x_cols, kb, 2, offs_r, m_mask, stride_xk, DOT_TY), p)
             p = tl.dot(c3, _xt_slice(x_cols, kb, 3, offs_r, m_mask, stride_xk, DOT_TY), p)
             acc += p * am0[:, None]
-            if HALVES:
-                c4, c5, c6, c7 = _half_codes(w, code_ptr, asm_hi, DOT_TY, USE_ASM, 16)
             p = tl.dot(c4, _xt_slice(x_cols, kb, 4, offs_r, m_mask, stride_xk, DOT_TY))
             p = tl.dot(c5, _xt_slice(x_cols, kb, 5, offs_r, m_mask, stride_xk, DOT_TY), p)
             p = tl.dot(c6, _xt_slice(x_cols, kb, 6, offs_r, m_mask, stride_xk, DOT_TY), p)
@@ -298,8 +262,7 @@ if HAS_TRITON:
         sh_T,
         sh_n_rb,
         sh_programs,
-        asm: tl.constexpr,  # _prmt_asm, or with HALVES the low half's _prmt_half_asm
-        asm_hi: tl.constexpr,  # with HALVES: the high half's _prmt_half_asm
+        asm: tl.constexpr,
         DOT_TY: tl.constexpr,
         USE_ASM: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -308,7 +271,6 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         PDL: tl.constexpr = False,
         PREFETCH: tl.constexpr = 0,  # word groups prefetched into L2 before waiting (PDL only)
-        HALVES: tl.constexpr = False,  # look the codes up half a word at a time
         SHRINK: tl.constexpr = False,
         SH_BLOCK_R: tl.constexpr = 16,
         SH_BLOCK_K: tl.constexpr = 128,
@@ -331,7 +293,7 @@ if HAS_TRITON:
         else:
             _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
                         groups_per_split, G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm,
-                        asm_hi, DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, PDL, PREFETCH, HALVES)
+                        DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, PDL, PREFETCH)
 
     @triton.jit
     def _words_dequant_kernel(w_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_w, stride_am,
@@ -426,8 +388,7 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
     locks = _tile_locks(x.device) if S > 1 else absmax
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else absmax
-    halves = bool(cfg.get("halves", False))
-    launch = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}
+    launch = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}  # a register cap (bench_nf4 sweeps)
     sh_args, sh_const = (absmax,) * 13 + (0,) * 9, {}
     if shrink is not None:
         token_slot, members = shrink
@@ -441,18 +402,10 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
         _nf4_words_kernel[grid](
             x2, words, absmax, _code_table(dot_dtype, x.device), bias_arg, out, ws, locks, M, N, gps, G,
             x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0), *sh_args,
-            **_asm_args(x.dtype, use_asm, halves), DOT_TY=ty, USE_ASM=use_asm,
-            HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn, HALVES=halves,
+            asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
+            HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch, **sh_const, **_pdl_args(x))
     return out.reshape(*lead, N)
-
-
-def _asm_args(dtype: torch.dtype, use_asm: bool, halves: bool) -> dict:
-    if not use_asm:
-        return dict(asm="", asm_hi="")
-    if halves:
-        return dict(asm=_prmt_half_asm(dtype, False), asm_hi=_prmt_half_asm(dtype, True))
-    return dict(asm=_prmt_asm(dtype), asm_hi="")
 
 
 def _pdl_args(x: torch.Tensor) -> dict:
