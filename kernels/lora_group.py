@@ -41,9 +41,12 @@ __all__ = ["GroupMember", "ShrinkPlan", "group_shrink", "lora_group", "reference
            "triton_lora_group", "MAX_MEMBERS"]
 
 MAX_MEMBERS = 3
-# One rank block (pool rank <= the block): loads wait for the token's slot only, not its rank
-# (kernels/lora.py R_FLAT). QUIVER_LORA_EARLY=0: the rank-bound loops.
+# Pools of rank <= FLAT_MAX_RANK: the BGMV loads wait for the token's slot only, not its rank
+# (kernels/lora.py R_FLAT); a slot of lower rank reads the pool's rows and masks the rest. Larger
+# pools keep the rank-bound loops, which read no row past a slot's rank. QUIVER_LORA_EARLY=0:
+# the rank-bound loops everywhere.
 LORA_EARLY = os.environ.get("QUIVER_LORA_EARLY", "1") != "0"
+FLAT_MAX_RANK = 16
 
 
 @dataclass
@@ -134,7 +137,7 @@ class ShrinkPlan:
     args: tuple
     block_r: int
     block_k: int
-    r_flat: int  # the pool rank when one rank block holds it and LORA_EARLY, else 0
+    r_flat: int  # the pool rank where the loads need not wait for the rank (_flat), else 0
 
     @property
     def programs(self) -> int:
@@ -155,7 +158,12 @@ def shrink_plan(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMe
     a = members[0].a
     args = (x, token_slot, *[m.a for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.h for m in ms], H_in, k_per_split, x.stride(0), a.stride(0), a.stride(1), members[0].h.stride(0))
-    return ShrinkPlan(T, n_rb, split_k, G, args, block_r, block_k, R if LORA_EARLY and n_rb == 1 else 0)
+    return ShrinkPlan(T, n_rb, split_k, G, args, block_r, block_k, _flat(R, block_r))
+
+
+def _flat(R: int, block_r: int) -> int:
+    """R_FLAT of a pool of rank R whose kernel takes rank blocks of block_r: R, or 0 (rank-bound)."""
+    return R if LORA_EARLY and R <= min(block_r, FLAT_MAX_RANK) else 0
 
 
 def triton_group_shrink(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember], *,
@@ -183,8 +191,7 @@ def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y:
             token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
             members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
-            BLOCK_N=block_n, BLOCK_R=block_r, R_FLAT=R if LORA_EARLY and R <= block_r else 0, num_warps=num_warps,
-            **pdl_kwargs(y))
+            BLOCK_N=block_n, BLOCK_R=block_r, R_FLAT=_flat(R, block_r), num_warps=num_warps, **pdl_kwargs(y))
 
 
 def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember],

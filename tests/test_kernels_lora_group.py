@@ -30,7 +30,7 @@ def members(widths, T, H_in=40, R=8, S=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     out, col = [], 0
     for i, n in enumerate(widths):
-        ranks = torch.tensor([(i + s) % R + 1 for s in range(S)], dtype=torch.int32)
+        ranks = torch.tensor([(7 * i + 17 * s) % R + 1 for s in range(S)], dtype=torch.int32)  # R 40: up to 35
         a = torch.randn(S, R, H_in, generator=g)
         b = torch.randn(S, n, R, generator=g)
         for s in range(S):  # beyond the rank: NaN, never read
@@ -57,14 +57,15 @@ def naive(x, token_slot, ms, y):
 
 
 @pytest.mark.gpu  # also runs on CPU under the interpreter
-@pytest.mark.parametrize("widths", [(24, 16, 16), (33, 17), (8,)])
+@pytest.mark.parametrize("widths,R", [((24, 16, 16), 8), ((33, 17), 8), ((8,), 8), ((24, 16, 16), 40)])
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_lora_group(widths, impl):
+def test_lora_group(widths, R, impl):
+    """R 8: the loads that wait only for the slot (R_FLAT); R 40: two rank blocks, rank-bound loops."""
     if impl == "triton" and not _OK:
         pytest.skip(_WHY)
     T = 6
     token_slot = torch.tensor([0, -1, 3, 2, 1, 3], dtype=torch.int32, device=DEV)
-    ms, width = members(widths, T)
+    ms, width = members(widths, T, R=R)
     x = torch.randn(T, 40, generator=torch.Generator().manual_seed(1)).to(DEV)
     y0 = torch.randn(T, width, generator=torch.Generator().manual_seed(2)).to(DEV)
     fn = LG.reference_lora_group if impl == "reference" else LG.triton_lora_group

@@ -175,7 +175,7 @@ def _lora_members(widths, T, K, R=8, S=3, seed=0):
     out, col = [], 0
     dtype = torch.bfloat16 if CUDA else torch.float32
     for i, n in enumerate(widths):
-        ranks = torch.tensor([(i + 2 * s) % R + 1 for s in range(S)], dtype=torch.int32)
+        ranks = torch.tensor([(7 * i + 17 * s) % R + 1 for s in range(S)], dtype=torch.int32)
         a = torch.randn(S, R, K, generator=g)
         for s in range(S):
             a[s, ranks[s]:] = float("nan")  # beyond the rank: never read
@@ -189,12 +189,12 @@ def _lora_members(widths, T, K, R=8, S=3, seed=0):
 
 @pytest.mark.gpu  # also runs on CPU under the interpreter
 @needs_triton
-@pytest.mark.parametrize("M,widths,kw", [
-    (5, (24, 16, 16), dict(split_k=2, block_n=16)),
-    (1, (8,), dict()),
-    (3, (33, 17), dict(split_k=1)),
+@pytest.mark.parametrize("M,widths,R,kw", [
+    (5, (24, 16, 16), 8, dict(split_k=2, block_n=16)),
+    (1, (8,), 8, dict()),
+    (3, (33, 17), 40, dict(split_k=1)),
 ])
-def test_kernel_runs_the_lora_shrinks_of_the_same_x(M, widths, kw):
+def test_kernel_runs_the_lora_shrinks_of_the_same_x(M, widths, R, kw):
     """The shrink programs in the word kernel's launch fill every member's h as the naive
     x A^T (zeros past a slot's rank and for tokens without adapter) and leave y bit-identical
     to the launch without them."""
@@ -204,7 +204,7 @@ def test_kernel_runs_the_lora_shrinks_of_the_same_x(M, widths, kw):
     dtype = torch.bfloat16 if CUDA else torch.float32
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEV)
     token_slot = torch.tensor([0, -1, 3, 2, 1][:M], dtype=torch.int32, device=DEV)
-    ms = _lora_members(widths, M, K)
+    ms = _lora_members(widths, M, K, R=R)
     y = W.triton_nf4_words_linear(x, words, w.absmax, shrink=(token_slot, ms), **kw)
     assert torch.equal(y, W.triton_nf4_words_linear(x, words, w.absmax, **kw))
     for i, m in enumerate(ms):
