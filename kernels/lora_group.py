@@ -220,7 +220,7 @@ def group_shrink(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupM
     if x.shape[0] == 0:
         return
     if use_triton(x, token_slot):
-        triton_group_shrink(x, token_slot, members)
+        triton_group_shrink(x.contiguous(), token_slot, members)  # the kernel takes unit-stride rows
     else:
         for m in members:
             lora_shrink(x, m.a, token_slot, m.ranks, slot_map=m.slot_map, out=m.h)
