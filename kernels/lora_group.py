@@ -219,8 +219,9 @@ def group_shrink(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupM
     """The shrink half of lora_group: every member's h (+)= x A^T (h zero-filled before)."""
     if x.shape[0] == 0:
         return
+    x = x.contiguous()  # the kernels take unit-stride rows
     if use_triton(x, token_slot):
-        triton_group_shrink(x.contiguous(), token_slot, members)  # the kernel takes unit-stride rows
+        triton_group_shrink(x, token_slot, members)
     else:
         for m in members:
             lora_shrink(x, m.a, token_slot, m.ranks, slot_map=m.slot_map, out=m.h)

@@ -76,3 +76,21 @@ def test_lora_group(widths, R, impl):
         gap = slice(m.col + m.b.shape[1], m.col + m.b.shape[1] + 3)
         assert torch.equal(y[:, gap], y0[:, gap]), "columns outside the members changed"
     assert not torch.equal(y, y0)
+
+
+@pytest.mark.gpu  # also runs on CPU under the interpreter
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_group_shrink_then_expand_only(impl, monkeypatch):
+    """group_shrink, then lora_group(..., shrunk=True) (the NF4 base ran the shrinks) == lora_group."""
+    if impl == "triton":
+        if not _OK:
+            pytest.skip(_WHY)
+        monkeypatch.setenv("QUIVER_FORCE_TRITON", "1")
+    T = 6
+    token_slot = torch.tensor([0, -1, 3, 2, 1, 3], dtype=torch.int32, device=DEV)
+    x = torch.randn(T, 40, generator=torch.Generator().manual_seed(1)).to(DEV)
+    y0 = torch.randn(T, 24 + 16 + 6, generator=torch.Generator().manual_seed(2)).to(DEV)
+    ms, _ = members((24, 16), T)
+    LG.group_shrink(x.t().contiguous().t(), token_slot, ms)  # a strided x: rows made unit-stride
+    y = LG.lora_group(x, token_slot, ms, y0.clone(), shrunk=True)
+    torch.testing.assert_close(y, naive(x, token_slot, ms, y0), rtol=1e-4, atol=1e-4)

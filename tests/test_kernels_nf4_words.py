@@ -193,18 +193,22 @@ def _lora_members(widths, T, K, R=8, S=3, seed=0):
     (5, (24, 16, 16), 8, dict(split_k=2, block_n=16)),
     (1, (8,), 8, dict()),
     (3, (33, 17), 40, dict(split_k=1)),
+    (2, (16, 8), 8, dict()),  # K 1024: the shrink splits K (atomic adds into h)
 ])
 def test_kernel_runs_the_lora_shrinks_of_the_same_x(M, widths, R, kw):
     """The shrink programs in the word kernel's launch fill every member's h as the naive
     x A^T (zeros past a slot's rank and for tokens without adapter) and leave y bit-identical
     to the launch without them."""
-    N, K = 40, 256
+    N, K = 40, 1024 if M == 2 else 256
+    from quiver.kernels.lora_group import shrink_plan
     w = synthetic(N, K, seed=M)
     words = W.words_from_nf4(w)
     dtype = torch.bfloat16 if CUDA else torch.float32
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEV)
     token_slot = torch.tensor([0, -1, 3, 2, 1][:M], dtype=torch.int32, device=DEV)
     ms = _lora_members(widths, M, K, R=R)
+    if K == 1024:
+        assert shrink_plan(x, token_slot, ms, target=W.BASE_SHRINK_TARGET, block_k=W.BASE_SHRINK_BLOCK_K).split_k > 1
     y = W.triton_nf4_words_linear(x, words, w.absmax, shrink=(token_slot, ms), **kw)
     assert torch.equal(y, W.triton_nf4_words_linear(x, words, w.absmax, **kw))
     for i, m in enumerate(ms):
