@@ -427,21 +427,18 @@ def reference_sgmv_expand(
 if HAS_TRITON:
 
     @triton.jit
-    def _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP: tl.constexpr):
-        """(slot clamped to >= 0 as int64, rank; 0 where token t has no adapter in this stack)."""
-        slot = tl.load(slot_ptr + t)
-        if HAS_MAP:  # token slot -> this stack's slot (or -1)
-            slot = tl.load(map_ptr + slot + 1)
-        slot_c = tl.maximum(slot, 0).to(tl.int64)
-        return slot_c, tl.where(slot >= 0, tl.load(rank_ptr + slot_c), 0)
-
-    @triton.jit
     def _token_slot(slot_ptr, map_ptr, t, HAS_MAP: tl.constexpr):
         """(slot clamped to >= 0 as int64, whether token t has an adapter in this stack)."""
         slot = tl.load(slot_ptr + t)
         if HAS_MAP:
             slot = tl.load(map_ptr + slot + 1)
         return tl.maximum(slot, 0).to(tl.int64), slot >= 0
+
+    @triton.jit
+    def _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP: tl.constexpr):
+        """(slot clamped to >= 0 as int64, rank; 0 where token t has no adapter in this stack)."""
+        slot_c, has = _token_slot(slot_ptr, map_ptr, t, HAS_MAP)
+        return slot_c, tl.where(has, tl.load(rank_ptr + slot_c), 0)
 
     @triton.jit
     def _bgmv_shrink_body(x_ptr, a_ptr, slot_ptr, map_ptr, rank_ptr, h_ptr, t, pid_r, pid_k, H_in, K_PER_SPLIT,
