@@ -437,6 +437,37 @@ def run_words_variants(args) -> dict:
     return dict(words_variants=results)
 
 
+def gemv_candidates() -> list[dict]:
+    """Configs of the word kernel's CUDA-core path (one batch row per program)."""
+    c = []
+    for bn in (64, 128, 256):
+        for nw in (2, 4):
+            for ns in (1, 3):
+                for sk in (8, 16, 32):
+                    for pf in (False, True):
+                        c.append(dict(gemv=True, block_n=bn, num_warps=nw, num_stages=ns, split_k=sk, prefetch=pf))
+    return c
+
+
+def run_words_gemv(args) -> dict:
+    """Per (M, shape): bf16, the word kernel's tensor-core path (gemv=False) and its defaults,
+    against the CUDA-core path's configs (gemv_candidates) ranked."""
+    layers = build_layers(args.layers)
+    results = []
+    for M, label, N, K, xs, n_lin in sweep_cases(layers, args.m):
+        base = {"bf16": time_graph(make_pass(layers, "bf16", xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin}
+        for tag, cfg in (("tensor_cores", dict(gemv=False)), ("default", {})):
+            base[tag] = time_graph(make_pass(layers, "words", xs, cfg, only=(N, K)), reps=args.reps) * 1e3 / n_lin
+        res = rank_configs(layers, "words", xs, gemv_candidates(), (N, K), n_lin, args.reps, f"M={M} {label}")
+        print(f"M={M} {label}: bf16 {base['bf16']:.1f} us, tensor cores {base['tensor_cores']:.1f}, "
+              f"default {base['default']:.1f}")
+        for us, cfg in res[:6]:
+            print(f"   gemv {us:8.1f} us  {weight_bytes(N, K) / (us * 1e-6) / 1e9:6.0f} GB/s  {cfg}")
+        results.append(dict(M=M, shape=label, **{f"{k}_us": v for k, v in base.items()},
+                            ranked=[dict(us=us, cfg=cfg) for us, cfg in res]))
+    return dict(words_gemv=results)
+
+
 def run_sweep(args) -> dict:
     layers = build_layers(args.layers)
     results = []
@@ -467,6 +498,8 @@ def main(argv=None) -> int:
                     help="sweep the word-layout kernel (kernels/nf4_words.py) against bf16, bnb and the byte kernel")
     ap.add_argument("--words-variants", action="store_true",
                     help="time the word kernel's defaults against WORDS_VARIANTS (register caps)")
+    ap.add_argument("--words-gemv", action="store_true",
+                    help="the word kernel's CUDA-core path (gemv_candidates) against its tensor-core path")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_nf4 needs a CUDA device", file=sys.stderr)
@@ -484,6 +517,8 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         if args.words_variants:
             res = run_words_variants(args)
+        elif args.words_gemv:
+            res = run_words_gemv(args)
         else:
             res = run_words_sweep(args) if args.words_sweep else run_sweep(args) if args.sweep else run_bench(args)
     res["meta"] = meta

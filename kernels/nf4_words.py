@@ -34,6 +34,7 @@ dot runs in float32; the layout, the per-block scaling and the split-K are the s
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -63,6 +64,13 @@ WIDE_N = 8192  # narrower outputs above M = 16 take NARROW_CONFIG
 NARROW_CONFIG = {32: dict(block_n=64, split=8), 128: dict(block_n=64, num_warps=8, split=4)}
 SPLIT_TARGET_PER_SM = 8  # H200 sweep (docs/results/h200/gpu_nf4_words_configs.json): gate|up at M=1 split 8, 6% faster than 4
 SPLIT_MAX_ROWS = 256  # split * M: bound on the float32 split-K partials
+# batch rows up to GEMV_MAX_M (env QUIVER_NF4_GEMV_MAX_M, read per call; 0: never) run one program per row on the CUDA cores (_words_gemv_tile), the
+# weights re-read per row (from L2 when the programs of both rows run together)
+GEMV_MAX_M = 1
+# H200 sweep at M=1 (docs/results/h200/gpu_nf4_words_gemv.json): BLOCK_N 64, 4 warps, K split
+# until ~16 programs per SM (at most 32): 6-13% faster than the tensor-core path on every shape;
+# at M=2 the re-read weights make it 35-45% slower, hence GEMV_MAX_M = 1
+GEMV_CONFIG = dict(block_n=64, num_warps=4, num_stages=1, split=32, prefetch=False, per_sm=16)
 WORDS_MAX_M = 128  # above: prefill path (Triton dequantize + cuBLAS)
 DEQUANT_BLOCK_N = 64
 # LoRA shrinks in the word kernel's launch: ~2 programs per SM of 256-input blocks (its 4 warps),
@@ -215,11 +223,62 @@ if HAS_TRITON:
             p = tl.dot(c6, _xt_slice(x_cols, kb, 6, offs_r, m_mask, stride_xk, DOT_TY), p)
             p = tl.dot(c7, _xt_slice(x_cols, kb, 7, offs_r, m_mask, stride_xk, DOT_TY), p)
             acc += p * am1[:, None]
+        _tile_store(acc, offs_n, offs_m, n_mask, m_mask, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, pid_n, pid_m, pid_s,
+                    HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+    @triton.jit
+    def _words_gemv_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, groups_per_split,
+                         G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm: tl.constexpr,
+                         DOT_TY: tl.constexpr, USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr):
+        """One batch row (pid_m) over BLOCK_N outputs and split pid_s of the word groups, on the
+        CUDA cores: no tensor-core tile of 16 rows for one token. acc[r, n] sums, in float32, the
+        products of the inputs 128g + 16s + r; the 16 rows are summed once at the end."""
+        pdl_start(PDL)
+        g_begin = pid_s * groups_per_split
+        g_end = tl.minimum(G, g_begin + groups_per_split)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, 16)
+        n_mask = offs_n < N
+        w_tile = w_ptr + offs_r[:, None] * stride_w + offs_n[None, :]  # [16, BLOCK_N] words
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_r * stride_xk
+        acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        w_next = tl.load(w_tile + g_begin * 16 * stride_w, mask=n_mask[None, :] & (offs_r[:, None] * 0 + g_begin < g_end),
+                         other=0)
+        for g in range(g_begin, g_end):
+            if PF:  # the next group's words are loaded before this group's arithmetic
+                w = w_next
+                w_next = tl.load(w_tile + (g + 1) * 16 * stride_w, mask=n_mask[None, :] & (offs_r[:, None] * 0 + g + 1 < g_end),
+                                 other=0)
+            else:
+                w = tl.load(w_tile + g * 16 * stride_w, mask=n_mask[None, :], other=0)
+            am0 = tl.load(absmax_ptr + (2 * g) * stride_am + offs_n, mask=n_mask, other=0.0)
+            am1 = tl.load(absmax_ptr + (2 * g + 1) * stride_am + offs_n, mask=n_mask, other=0.0)
+            xg = x_row + g * 128 * stride_xk
+            c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(w, code_ptr, asm, DOT_TY, USE_ASM)
+            p = c0.to(tl.float32) * tl.load(xg).to(tl.float32)[:, None]
+            p += c1.to(tl.float32) * tl.load(xg + 16 * stride_xk).to(tl.float32)[:, None]
+            p += c2.to(tl.float32) * tl.load(xg + 32 * stride_xk).to(tl.float32)[:, None]
+            p += c3.to(tl.float32) * tl.load(xg + 48 * stride_xk).to(tl.float32)[:, None]
+            q = c4.to(tl.float32) * tl.load(xg + 64 * stride_xk).to(tl.float32)[:, None]
+            q += c5.to(tl.float32) * tl.load(xg + 80 * stride_xk).to(tl.float32)[:, None]
+            q += c6.to(tl.float32) * tl.load(xg + 96 * stride_xk).to(tl.float32)[:, None]
+            q += c7.to(tl.float32) * tl.load(xg + 112 * stride_xk).to(tl.float32)[:, None]
+            acc += p * am0[None, :] + q * am1[None, :]
+        y = tl.sum(acc, axis=0)[:, None]  # [BLOCK_N, 1]
+        offs_m = pid_m + tl.arange(0, 1)
+        _tile_store(y, offs_n, offs_m, n_mask, offs_m < M, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, pid_n, pid_m,
+                    pid_s, HAS_BIAS, SPLIT_K, 1, BLOCK_N)
+
+    @triton.jit
+    def _tile_store(acc, offs_n, offs_m, n_mask, m_mask, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, pid_n, pid_m, pid_s,
+                    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out[m, n] = acc[n, m] (+ bias); under split-K the partial goes to the workspace and the
+        last split of the tile to finish sums the partials in split order (deterministic) and
+        writes the output: one launch (as kernels/nf4.py)."""
         out_mask = n_mask[:, None] & m_mask[None, :]
         o_off = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
         if SPLIT_K > 1:
-            # partial -> workspace; the last split of this tile to finish sums the partials in
-            # split order (deterministic) and writes the output: one launch (as kernels/nf4.py)
             tl.store(ws_ptr + pid_s.to(tl.int64) * M * N + o_off, acc, mask=out_mask)
             tl.debug_barrier()
             tile = pid_m * tl.num_programs(0) + pid_n
@@ -276,6 +335,8 @@ if HAS_TRITON:
         SH_BLOCK_K: tl.constexpr = 128,
         SH_SPLIT_K: tl.constexpr = 1,
         SH_R_FLAT: tl.constexpr = 0,
+        GEMV: tl.constexpr = False,  # one batch row per program on the CUDA cores (_words_gemv_tile)
+        GEMV_PF: tl.constexpr = False,  # ... loading the next word group before the arithmetic on this one
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -290,6 +351,10 @@ if HAS_TRITON:
                                       idx % sh_T, rest % sh_n_rb, rest // sh_n_rb, sh_K, sh_k_per_split, sh_stride_xt,
                                       sh_stride_as, sh_stride_ar, sh_stride_ht, SH_BLOCK_R, SH_BLOCK_K, SH_SPLIT_K,
                                       SH_R_FLAT)
+        elif GEMV:
+            _words_gemv_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
+                             groups_per_split, G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm,
+                             DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_N, PDL, GEMV_PF)
         else:
             _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
                         groups_per_split, G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm,
@@ -318,17 +383,23 @@ def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides)
     split_k is a maximum: K is split (powers of two) only while the grid has fewer than
     SPLIT_TARGET_PER_SM programs per SM and the float32 partials stay small
     (split * M <= SPLIT_MAX_ROWS)."""
-    for max_m, bm, bn, nw, ns, sk in WORDS_CONFIGS:
-        if M <= max_m:
-            break
-    if M > 16 and N < WIDE_N:
-        narrow = NARROW_CONFIG[32 if M <= 32 else 128]
-        bn, nw, sk = narrow["block_n"], narrow.get("num_warps", nw), narrow["split"]
-    cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    gemv = overrides.get("gemv")
+    if gemv or (gemv is None and M <= int(os.environ.get("QUIVER_NF4_GEMV_MAX_M", GEMV_MAX_M))):
+        g = GEMV_CONFIG
+        bm, bn, nw, ns, sk = 1, g["block_n"], g["num_warps"], g["num_stages"], g["split"]
+        cfg = dict(gemv=True, block_m=1, block_n=bn, num_warps=nw, num_stages=ns, prefetch=g["prefetch"])
+    else:
+        for max_m, bm, bn, nw, ns, sk in WORDS_CONFIGS:
+            if M <= max_m:
+                break
+        if M > 16 and N < WIDE_N:
+            narrow = NARROW_CONFIG[32 if M <= 32 else 128]
+            bn, nw, sk = narrow["block_n"], narrow.get("num_warps", nw), narrow["split"]
+        cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+    cfg.update({k: v for k, v in overrides.items() if v is not None and k != "gemv"})
     if "split_k" not in cfg:
-        tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
-        target = SPLIT_TARGET_PER_SM * _num_sms(device)
+        tiles = (M if cfg.get("gemv") else -(-M // cfg["block_m"])) * -(-N // cfg["block_n"])
+        target = (GEMV_CONFIG["per_sm"] if cfg.get("gemv") else SPLIT_TARGET_PER_SM) * _num_sms(device)
         split = 1
         while split < sk and tiles * split < target and split * 2 * M <= SPLIT_MAX_ROWS:
             split *= 2
@@ -380,7 +451,8 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
     S = int(cfg["split_k"])
     gps = -(-G // S)
     S = -(-G // gps)
-    bm, bn = int(cfg["block_m"]), int(cfg["block_n"])
+    gemv = bool(cfg.get("gemv"))
+    bm, bn = (1 if gemv else int(cfg["block_m"])), int(cfg["block_n"])
     grid = (-(-N // bn), -(-M // bm), S)
     assert grid[0] * grid[1] <= LOCKS_SIZE and M * N * S < 2**31, f"problem too large: M={M} N={N} split {S}"
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -403,7 +475,8 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
             x2, words, absmax, _code_table(dot_dtype, x.device), bias_arg, out, ws, locks, M, N, gps, G,
             x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0), *sh_args,
             asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
-            HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn, GEMV=gemv,
+            GEMV_PF=gemv and bool(cfg.get("prefetch")),
             num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch, **sh_const, **_pdl_args(x))
     return out.reshape(*lead, N)
 

@@ -65,6 +65,9 @@ def test_prmt_table_encodes_the_codes():
     (3, 40, 256, dict(split_k=1)),
     (17, 48, 384, dict(split_k=2, block_m=16, block_n=16)),
     (1, 32, 512, dict()),
+    (1, 40, 256, dict(gemv=True)),  # the CUDA-core path, one program per batch row
+    (3, 48, 384, dict(gemv=True, split_k=2, block_n=16, prefetch=True)),
+    (2, 32, 512, dict(gemv=True, split_k=1, prefetch=True)),
 ])
 def test_kernel_matches_reference(M, N, K, kw):
     w = synthetic(N, K, seed=M)
@@ -118,14 +121,16 @@ def test_gpu_llama_shapes_vs_bnb(N, K, M):
     w = nf4.nf4_weight_from_bnb(p)
     words = W.words_from_nf4(w)
     deq = bnb.functional.dequantize_4bit(p.data, p.quant_state)
+    paths = [{}] + ([dict(gemv=True), dict(gemv=False)] if M <= 8 else [])  # CUDA cores and tensor cores
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         ref = x.float() @ deq.float().T
-        y = W.triton_nf4_words_linear(x, words, w.absmax)
         exact = x.double() @ w.dequantize(torch.float32).double().T
-        err = (y.double() - exact).pow(2).mean().sqrt().item()
         err_ref = (ref.to(dtype).double() - exact).pow(2).mean().sqrt().item()
-        assert err <= 1.5 * err_ref + 1e-4 * exact.pow(2).mean().sqrt().item(), (dtype, err, err_ref)
+        for kw in paths:
+            y = W.triton_nf4_words_linear(x, words, w.absmax, **kw)
+            err = (y.double() - exact).pow(2).mean().sqrt().item()
+            assert err <= 1.5 * err_ref + 1e-4 * exact.pow(2).mean().sqrt().item(), (dtype, kw, err, err_ref)
 
 
 @pytest.mark.gpu
@@ -145,26 +150,36 @@ def test_gpu_graph_capture():
 
 
 def test_pick_words_config_buckets_and_split():
-    """The measured defaults: BLOCK_N 128 for decode up to M=16 and for wide outputs; narrow
-    outputs above M=16 take BLOCK_N 64 (8 warps above M=32); split-K fills ~4 programs per SM
-    within the bucket's maximum and keeps split * M <= SPLIT_MAX_ROWS."""
+    """The measured defaults: the CUDA-core path up to GEMV_MAX_M rows; then BLOCK_N 128 for
+    decode up to M=16 and for wide outputs; narrow outputs above M=16 take BLOCK_N 64 (8 warps
+    above M=32); split-K fills ~SPLIT_TARGET_PER_SM programs per SM within the bucket's maximum
+    and keeps split * M <= SPLIT_MAX_ROWS."""
     cpu = torch.device("cpu")  # W._num_sms falls back to a fixed count off CUDA
     sms = W._num_sms(cpu)
-    for M, N, K in [(1, 4096, 4096), (16, 12288, 4096), (32, 22016, 4096), (32, 4096, 11008), (64, 4096, 4096),
-                    (64, 22016, 4096), (128, 4096, 11008)]:
+    for M, N, K in [(1, 4096, 4096), (2, 4096, 4096), (16, 12288, 4096), (32, 22016, 4096), (32, 4096, 11008),
+                    (64, 4096, 4096), (64, 22016, 4096), (128, 4096, 11008)]:
         cfg = W.pick_words_config(M, N, K, cpu)
-        narrow = M > 16 and N < W.WIDE_N
-        assert cfg["block_n"] == (64 if narrow else 128), (M, N, cfg)
-        assert cfg["num_warps"] == (8 if narrow and M > 32 else 4), (M, N, cfg)
-        assert cfg["num_stages"] == 3
         s = cfg["split_k"]
         assert s >= 1 and s & (s - 1) == 0 and s * M <= W.SPLIT_MAX_ROWS, (M, N, cfg)
-        tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
+        if M <= W.GEMV_MAX_M:
+            g = W.GEMV_CONFIG
+            assert cfg["gemv"] and (cfg["block_n"], cfg["num_warps"], cfg["num_stages"]) == (
+                g["block_n"], g["num_warps"], g["num_stages"]), (M, cfg)
+            tiles = M * -(-N // cfg["block_n"])
+        else:
+            assert not cfg.get("gemv")
+            narrow = M > 16 and N < W.WIDE_N
+            assert cfg["block_n"] == (64 if narrow else 128), (M, N, cfg)
+            assert cfg["num_warps"] == (8 if narrow and M > 32 else 4), (M, N, cfg)
+            assert cfg["num_stages"] == 3
+            tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
         if s > 1:  # split only while the grid is short of the target
-            assert tiles * (s // 2) < W.SPLIT_TARGET_PER_SM * sms, (M, N, cfg)
-    assert W.pick_words_config(1, 4096, 4096, cpu)["split_k"] == 8  # 32 tiles: the bucket's maximum
+            per_sm = W.GEMV_CONFIG["per_sm"] if cfg.get("gemv") else W.SPLIT_TARGET_PER_SM
+            assert tiles * (s // 2) < per_sm * sms, (M, N, cfg)
+    assert W.pick_words_config(1, 4096, 4096, cpu, gemv=False)["split_k"] == 8  # 32 tiles: the bucket's maximum
     assert W.pick_words_config(8, 4096, 4096, cpu, split_k=2, block_n=32) == dict(
         block_m=16, block_n=32, num_warps=4, num_stages=3, split_k=2)  # overrides win
+    assert W.pick_words_config(8, 4096, 4096, cpu, gemv=True)["gemv"]
 
 
 def _lora_members(widths, T, K, R=8, S=3, seed=0):
@@ -194,6 +209,7 @@ def _lora_members(widths, T, K, R=8, S=3, seed=0):
     (1, (8,), 8, dict()),
     (3, (33, 17), 40, dict(split_k=1)),
     (2, (16, 8), 8, dict()),  # K 1024: the shrink splits K (atomic adds into h)
+    (3, (16, 8), 8, dict(gemv=True, split_k=2)),  # beside the CUDA-core path's programs
 ])
 def test_kernel_runs_the_lora_shrinks_of_the_same_x(M, widths, R, kw):
     """The shrink programs in the word kernel's launch fill every member's h as the naive
