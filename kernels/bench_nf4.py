@@ -399,8 +399,7 @@ def run_words_sweep(args) -> dict:
     return dict(words_sweep=results)
 
 
-# the defaults, the tensor-core path (the default above GEMV_MAX_M), and its x^T tiles loaded as rows
-WORDS_VARIANTS = ({}, {"gemv": False}, {"gemv": False, "x_rows": True}, {"gemv": False, "x_rows": True, "num_stages": 4})
+WORDS_VARIANTS = ({}, {"maxnreg": 168}, {"maxnreg": 128})
 
 
 def _compiled(fn) -> dict:
@@ -414,7 +413,7 @@ def _compiled(fn) -> dict:
 
 
 def run_words_variants(args) -> dict:
-    """Per (M, shape): the word kernel's defaults against WORDS_VARIANTS, with each
+    """Per (M, shape): the word kernel's defaults against register caps (WORDS_VARIANTS), with each
     compiled kernel's registers and spills."""
     from quiver.kernels import nf4_words
 
@@ -498,7 +497,7 @@ def main(argv=None) -> int:
     ap.add_argument("--words-sweep", action="store_true",
                     help="sweep the word-layout kernel (kernels/nf4_words.py) against bf16, bnb and the byte kernel")
     ap.add_argument("--words-variants", action="store_true",
-                    help="time the word kernel's defaults against WORDS_VARIANTS")
+                    help="time the word kernel's defaults against WORDS_VARIANTS (register caps)")
     ap.add_argument("--words-gemv", action="store_true",
                     help="the word kernel's CUDA-core path (gemv_candidates) against its tensor-core path")
     args = ap.parse_args(argv)

@@ -71,7 +71,6 @@ GEMV_MAX_M = 1
 # until ~16 programs per SM (at most 32): 6-13% faster than the tensor-core path on every shape;
 # at M=2 the re-read weights make it 35-45% slower, hence GEMV_MAX_M = 1
 GEMV_CONFIG = dict(block_n=64, num_warps=4, num_stages=1, split=32, prefetch=False, per_sm=16)
-X_ROWS = False  # the tensor-core path's x^T tiles loaded as rows and transposed (config key x_rows, env QUIVER_NF4_X_ROWS)
 WORDS_MAX_M = 128  # above: prefill path (Triton dequantize + cuBLAS)
 DEQUANT_BLOCK_N = 64
 # LoRA shrinks in the word kernel's launch: ~2 programs per SM of 256-input blocks (its 4 warps),
@@ -174,15 +173,8 @@ if HAS_TRITON:
         return c0, c1, c2, c3, c4, c5, c6, c7
 
     @triton.jit
-    def _xt_slice(x_cols, kbase, s: tl.constexpr, offs_r, m_mask, stride_xk, ty: tl.constexpr,
-                  X_ROWS: tl.constexpr):
-        """x^T [16, BLOCK_M]: inputs kbase + 16s .. +16 of the batch rows (the dot's B operand).
-        X_ROWS: loaded as x rows [BLOCK_M, 16] (16 contiguous inputs per row) and transposed, so
-        the load is vectorized; else column by column (one 2-byte access per element)."""
-        if X_ROWS:
-            rows = tl.load(tl.trans(x_cols) + (kbase + 16 * s + offs_r)[None, :] * stride_xk, mask=m_mask[:, None],
-                           other=0.0)
-            return tl.trans(rows.to(ty))
+    def _xt_slice(x_cols, kbase, s: tl.constexpr, offs_r, m_mask, stride_xk, ty: tl.constexpr):
+        """x^T [16, BLOCK_M]: inputs kbase + 16s .. +16 of the batch rows (the dot's B operand)."""
         return tl.load(x_cols + (kbase + 16 * s + offs_r)[:, None] * stride_xk, mask=m_mask[None, :],
                        other=0.0).to(ty)
 
@@ -190,8 +182,7 @@ if HAS_TRITON:
     def _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, groups_per_split, G,
                     stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm: tl.constexpr,
                     DOT_TY: tl.constexpr, USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                    X_ROWS: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
         """One output tile [BLOCK_N, BLOCK_M] over split pid_s of the word groups."""
         g_begin = pid_s * groups_per_split
         g_end = tl.minimum(G, g_begin + groups_per_split)
@@ -222,15 +213,15 @@ if HAS_TRITON:
             am1 = tl.load(absmax_ptr + (2 * g + 1) * stride_am + offs_n, mask=n_mask, other=0.0)
             c0, c1, c2, c3, c4, c5, c6, c7 = _nibble_codes(w, code_ptr, asm, DOT_TY, USE_ASM)
             kb = g * 128
-            p = tl.dot(c0, _xt_slice(x_cols, kb, 0, offs_r, m_mask, stride_xk, DOT_TY, X_ROWS))
-            p = tl.dot(c1, _xt_slice(x_cols, kb, 1, offs_r, m_mask, stride_xk, DOT_TY, X_ROWS), p)
-            p = tl.dot(c2, _xt_slice(x_cols, kb, 2, offs_r, m_mask, stride_xk, DOT_TY, X_ROWS), p)
-            p = tl.dot(c3, _xt_slice(x_cols, kb, 3, offs_r, m_mask, stride_xk, DOT_TY, X_ROWS), p)
+            p = tl.dot(c0, _xt_slice(x_cols, kb, 0, offs_r, m_mask, stride_xk, DOT_TY))
+            p = tl.dot(c1, _xt_slice(x_cols, kb, 1, offs_r, m_mask, stride_xk, DOT_TY), p)
+            p = tl.dot(c2, _xt_slice(x_cols, kb, 2, offs_r, m_mask, stride_xk, DOT_TY), p)
+            p = tl.dot(c3, _xt_slice(x_cols, kb, 3, offs_r, m_mask, stride_xk, DOT_TY), p)
             acc += p * am0[:, None]
-            p = tl.dot(c4, _xt_slice(x_cols, kb, 4, offs_r, m_mask, stride_xk, DOT_TY, X_ROWS))
-            p = tl.dot(c5, _xt_slice(x_cols, kb, 5, offs_r, m_mask, stride_xk, DOT_TY, X_ROWS), p)
-            p = tl.dot(c6, _xt_slice(x_cols, kb, 6, offs_r, m_mask, stride_xk, DOT_TY, X_ROWS), p)
-            p = tl.dot(c7, _xt_slice(x_cols, kb, 7, offs_r, m_mask, stride_xk, DOT_TY, X_ROWS), p)
+            p = tl.dot(c4, _xt_slice(x_cols, kb, 4, offs_r, m_mask, stride_xk, DOT_TY))
+            p = tl.dot(c5, _xt_slice(x_cols, kb, 5, offs_r, m_mask, stride_xk, DOT_TY), p)
+            p = tl.dot(c6, _xt_slice(x_cols, kb, 6, offs_r, m_mask, stride_xk, DOT_TY), p)
+            p = tl.dot(c7, _xt_slice(x_cols, kb, 7, offs_r, m_mask, stride_xk, DOT_TY), p)
             acc += p * am1[:, None]
         _tile_store(acc, offs_n, offs_m, n_mask, m_mask, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, pid_n, pid_m, pid_s,
                     HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
@@ -345,8 +336,7 @@ if HAS_TRITON:
         SH_SPLIT_K: tl.constexpr = 1,
         SH_R_FLAT: tl.constexpr = 0,
         GEMV: tl.constexpr = False,  # one batch row per program on the CUDA cores (_words_gemv_tile)
-        GEMV_PF: tl.constexpr = False,
-        X_ROWS: tl.constexpr = False,  # x^T tiles loaded as rows and transposed (_xt_slice)  # ... loading the next word group before the arithmetic on this one
+        GEMV_PF: tl.constexpr = False,  # ... loading the next word group before the arithmetic on this one
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -368,7 +358,7 @@ if HAS_TRITON:
         else:
             _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
                         groups_per_split, G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm,
-                        DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, PDL, PREFETCH, X_ROWS)
+                        DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, PDL, PREFETCH)
 
     @triton.jit
     def _words_dequant_kernel(w_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_w, stride_am,
@@ -486,13 +476,9 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
             x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0), *sh_args,
             asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
             HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn, GEMV=gemv,
-            GEMV_PF=gemv and bool(cfg.get("prefetch")), X_ROWS=bool(cfg.get("x_rows", _x_rows())),
+            GEMV_PF=gemv and bool(cfg.get("prefetch")),
             num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch, **sh_const, **_pdl_args(x))
     return out.reshape(*lead, N)
-
-
-def _x_rows() -> bool:
-    return os.environ.get("QUIVER_NF4_X_ROWS", "1" if X_ROWS else "0") == "1"
 
 
 def _pdl_args(x: torch.Tensor) -> dict:

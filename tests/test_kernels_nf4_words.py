@@ -65,7 +65,6 @@ def test_prmt_table_encodes_the_codes():
     (3, 40, 256, dict(split_k=1)),
     (17, 48, 384, dict(split_k=2, block_m=16, block_n=16)),
     (1, 32, 512, dict()),
-    (17, 48, 384, dict(split_k=2, block_m=16, block_n=16, x_rows=True)),  # x^T tiles loaded as rows
     (1, 40, 256, dict(gemv=True)),  # the CUDA-core path, one program per batch row
     (3, 48, 384, dict(gemv=True, split_k=2, block_n=16, prefetch=True)),
     (2, 32, 512, dict(gemv=True, split_k=1, prefetch=True)),
@@ -122,7 +121,7 @@ def test_gpu_llama_shapes_vs_bnb(N, K, M):
     w = nf4.nf4_weight_from_bnb(p)
     words = W.words_from_nf4(w)
     deq = bnb.functional.dequantize_4bit(p.data, p.quant_state)
-    paths = [{}, dict(gemv=False, x_rows=True)] + ([dict(gemv=True), dict(gemv=False)] if M <= 8 else [])
+    paths = [{}] + ([dict(gemv=True), dict(gemv=False)] if M <= 8 else [])  # CUDA cores and tensor cores
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         ref = x.float() @ deq.float().T
