@@ -399,7 +399,9 @@ def run_words_sweep(args) -> dict:
     return dict(words_sweep=results)
 
 
-WORDS_VARIANTS = ({}, {"maxnreg": 168}, {"maxnreg": 128})
+# the defaults and the tensor-core path (the default above GEMV_MAX_M); x^T tiles loaded as rows
+# and transposed were measured at commit 175fbd5 (no gain, removed)
+WORDS_VARIANTS = ({}, {"gemv": False}, {"gemv": False, "num_stages": 4}, {"gemv": False, "maxnreg": 128})
 
 
 def _compiled(fn) -> dict:
@@ -413,7 +415,7 @@ def _compiled(fn) -> dict:
 
 
 def run_words_variants(args) -> dict:
-    """Per (M, shape): the word kernel's defaults against register caps (WORDS_VARIANTS), with each
+    """Per (M, shape): the word kernel's defaults against WORDS_VARIANTS, with each
     compiled kernel's registers and spills."""
     from quiver.kernels import nf4_words
 
@@ -497,7 +499,7 @@ def main(argv=None) -> int:
     ap.add_argument("--words-sweep", action="store_true",
                     help="sweep the word-layout kernel (kernels/nf4_words.py) against bf16, bnb and the byte kernel")
     ap.add_argument("--words-variants", action="store_true",
-                    help="time the word kernel's defaults against WORDS_VARIANTS (register caps)")
+                    help="time the word kernel's defaults against WORDS_VARIANTS")
     ap.add_argument("--words-gemv", action="store_true",
                     help="the word kernel's CUDA-core path (gemv_candidates) against its tensor-core path")
     args = ap.parse_args(argv)
