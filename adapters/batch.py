@@ -27,8 +27,12 @@ from quiver.adapters.pool import LowRankStack, SlotPool
 from quiver.kernels import add_by_slot, lora_expand, lora_shrink, scale_by_slot
 from quiver.kernels.lora_group import GroupMember, lora_group
 
-# LoRA shrinks inside the NF4 base kernel's launch (QUIVER_SHRINK_IN_BASE=0: their own launch)
-SHRINK_IN_BASE = os.environ.get("QUIVER_SHRINK_IN_BASE", "1") != "0"
+
+
+def shrink_in_base() -> bool:
+    """LoRA shrinks inside the NF4 base kernel's launch (QUIVER_SHRINK_IN_BASE=0: their own
+    launch); read at every call (a CUDA graph keeps what its capture read)."""
+    return os.environ.get("QUIVER_SHRINK_IN_BASE", "1") != "0"
 
 
 class AdapterBatch:
@@ -93,10 +97,10 @@ class AdapterBatch:
 
     def _lora(self, base, x: torch.Tensor, members: list[GroupMember]) -> torch.Tensor:
         """y = base(x) plus the members' LoRA deltas. An NF4 base runs the shrinks in its own
-        launch (SHRINK_IN_BASE); then one expand launch."""
+        launch (shrink_in_base()); then one expand launch."""
         if not members:
             return base(x)
-        if SHRINK_IN_BASE and getattr(base, "takes_shrink", False):
+        if getattr(base, "takes_shrink", False) and shrink_in_base():
             y = base(x, shrink=(self.token_slot, members))
             return lora_group(x, self.token_slot, members, y, shrunk=True)
         return lora_group(x, self.token_slot, members, base(x))

@@ -37,7 +37,7 @@ if HAS_TRITON:
 
     from .lora import _bgmv_expand_body, _bgmv_shrink_body
 
-__all__ = ["GroupMember", "ShrinkPlan", "group_shrink", "lora_group", "reference_lora_group", "shrink_plan",
+__all__ = ["GroupMember", "ShrinkPlan", "check_members", "group_shrink", "lora_group", "reference_lora_group", "shrink_plan",
            "triton_lora_group", "MAX_MEMBERS"]
 
 MAX_MEMBERS = 3
@@ -45,7 +45,11 @@ MAX_MEMBERS = 3
 # (kernels/lora.py R_FLAT); a slot of lower rank reads the pool's rows and masks the rest. Larger
 # pools keep the rank-bound loops, which read no row past a slot's rank. QUIVER_LORA_EARLY=0:
 # the rank-bound loops everywhere.
-LORA_EARLY = os.environ.get("QUIVER_LORA_EARLY", "1") != "0"
+
+
+def lora_early() -> bool:
+    return os.environ.get("QUIVER_LORA_EARLY", "1") != "0"  # read at every launch
+
 FLAT_MAX_RANK = 16
 
 
@@ -114,7 +118,8 @@ if HAS_TRITON:
                           stride_yt, BLOCK_N, BLOCK_R, True, R_FLAT)
 
 
-def _check(x, token_slot, members, y) -> None:
+def check_members(x, token_slot, members, y=None) -> None:
+    """The layout the group kernels assume (y: the expand's output, when there is one)."""
     assert 1 <= len(members) <= MAX_MEMBERS, f"1 to {MAX_MEMBERS} members"
     T = x.shape[0]
     a0 = members[0].a
@@ -122,8 +127,9 @@ def _check(x, token_slot, members, y) -> None:
         assert m.a.shape == a0.shape and m.a.stride() == a0.stride() and m.a.dtype == x.dtype, "a stacks differ"
         assert m.b.is_contiguous() and m.b.shape[2] == a0.shape[1] and m.b.stride(1) == members[0].b.stride(1)
         assert m.h.shape == (T, a0.shape[1]) and m.h.dtype == torch.float32 and m.h.stride() == members[0].h.stride()
-        assert 0 <= m.col and m.col + m.b.shape[1] <= y.shape[1]
-    assert x.stride(-1) == 1 and y.stride(-1) == 1 and token_slot.dtype == torch.int32
+        assert y is None or (0 <= m.col and m.col + m.b.shape[1] <= y.shape[1])
+    assert x.stride(-1) == 1 and (y is None or y.stride(-1) == 1), "rows must be unit-stride"
+    assert token_slot.dtype == torch.int32 and token_slot.shape == (T,)
 
 
 @dataclass
@@ -163,13 +169,14 @@ def shrink_plan(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMe
 
 def _flat(R: int, block_r: int) -> int:
     """R_FLAT of a pool of rank R whose kernel takes rank blocks of block_r: R, or 0 (rank-bound)."""
-    return R if LORA_EARLY and R <= min(block_r, FLAT_MAX_RANK) else 0
+    return R if R <= min(block_r, FLAT_MAX_RANK) and lora_early() else 0
 
 
 def triton_group_shrink(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember], *,
                         block_k: int = BGMV_SHRINK_BLOCK_K, max_block_r: int = BGMV_SHRINK_MAX_BLOCK_R,
                         target: int = BGMV_SHRINK_TARGET_PROGRAMS, num_warps: int = BGMV_SHRINK_NUM_WARPS) -> None:
     """Every member's h (+)= x A^T in one launch."""
+    check_members(x, token_slot, members)
     plan = shrink_plan(x, token_slot, members, block_k=block_k, max_block_r=max_block_r, target=target)
     with _device_ctx(x):
         _group_shrink_kernel[(plan.T, plan.n_rb, plan.split_k * plan.G)](
@@ -204,7 +211,7 @@ def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[G
     """Keyword arguments are tuning knobs (kernels/bench_lora_group.py sweeps them); the
     defaults are kernels/lora.py's BGMV constants and bgmv_expand_tile(pool rank). shrunk:
     the members' h already hold x A^T (the NF4 word kernel ran the shrink), expand only."""
-    _check(x, token_slot, members, y)
+    check_members(x, token_slot, members, y)
     if x.shape[0] == 0:
         return y
     if not shrunk:

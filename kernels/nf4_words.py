@@ -40,7 +40,7 @@ import torch
 
 from .lora import HAS_TRITON, _device_ctx, tl, triton, use_triton
 from .nf4 import NF4_CODE, NF4Weight, _interpreting, _num_sms
-from .lora_group import group_shrink, shrink_plan
+from .lora_group import check_members, group_shrink, shrink_plan
 from .pdl import pdl_kwargs, pdl_start, prefetch_enabled, prefetch_l2
 
 __all__ = ["WORD_K", "words_from_nf4", "dequantize_words", "triton_nf4_words_linear", "triton_words_dequantize",
@@ -464,7 +464,7 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
     sh_args, sh_const = (absmax,) * 13 + (0,) * 9, {}
     if shrink is not None:
         token_slot, members = shrink
-        assert x2.stride(1) == 1 and token_slot.shape == (M,) and all(m.a.dtype == x.dtype for m in members)
+        check_members(x2, token_slot, members)  # before the launch: the programs trust the layout
         plan = shrink_plan(x2, token_slot, members, target=BASE_SHRINK_TARGET, block_k=BASE_SHRINK_BLOCK_K)
         grid = (grid[0], grid[1], S + -(-plan.programs // (grid[0] * grid[1])))
         sh_args = plan.args[1:] + (plan.T, plan.n_rb, plan.programs)

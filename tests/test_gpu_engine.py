@@ -65,11 +65,11 @@ def test_cuda_low_precision_logits_match_transformers(tmp_path, quantize, dtype)
 def test_cuda_nf4_lora_logits_match_peft(tmp_path, monkeypatch, shrink_in_base):
     """NF4 base with LoRA adapters (q, k, v, o, down) in one mixed batch, teacher-forced: every
     logits row Quiver sampled from against PEFT's on transformers' NF4 model. Decode steps run
-    the LoRA shrinks inside the NF4 word kernel's launch (adapters/batch.py SHRINK_IN_BASE),
-    prefill in their own; False: always their own."""
+    the LoRA shrinks inside the NF4 word kernel's launch (adapters/batch.py shrink_in_base),
+    prefill in their own; False: always their own. A spy on the word kernel proves which ran."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    import quiver.adapters.batch as batch_mod
+    import quiver.kernels.nf4_words as words_mod
     from adapter_factory import perturb
     from conftest import capture_logits, run_to_completion
     from quiver.adapters.base import BaseSpec
@@ -77,7 +77,15 @@ def test_cuda_nf4_lora_logits_match_peft(tmp_path, monkeypatch, shrink_in_base):
     from quiver.server.config import EngineConfig, SamplingParams
     from quiver.server.engine.engine import Engine
 
-    monkeypatch.setattr(batch_mod, "SHRINK_IN_BASE", shrink_in_base)
+    monkeypatch.setenv("QUIVER_SHRINK_IN_BASE", "1" if shrink_in_base else "0")
+    fused = []
+    real = words_mod.triton_nf4_words_linear
+
+    def spy(*args, shrink=None, **kw):
+        fused.append(shrink is not None)
+        return real(*args, shrink=shrink, **kw)
+
+    monkeypatch.setattr(words_mod, "triton_nf4_words_linear", spy)
     path = tiny_model_dir(tmp_path, "llama", **SHAPE)
     loaded = load_model(ModelConfig(model=path, quantize="nf4", dtype="bfloat16", device="cuda"), keep_hf=True)
     hf = loaded.hf_model
@@ -113,6 +121,7 @@ def test_cuda_nf4_lora_logits_match_peft(tmp_path, monkeypatch, shrink_in_base):
         if name:
             hf = model.unload()
     assert all(w < 3e-2 for w in worst.values()), f"max relative logit differences {worst}"
+    assert fused and any(fused) == shrink_in_base, "the word kernel ran the shrinks" if any(fused) else "it did not"
 
 
 def test_cuda_adapters_mixed_batch_graphs_vs_eager_vs_peft(tmp_path):

@@ -21,26 +21,14 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from quiver.kernels import lora_group as LG  # noqa: E402
+from group_members import lora_members  # noqa: E402
 
 _OK, _WHY = triton_runnable(LG.HAS_TRITON, LG._group_shrink_kernel) if LG.HAS_TRITON else (False, "no triton")
 DEV = "cuda" if CUDA else "cpu"
 
 
 def members(widths, T, H_in=40, R=8, S=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out, col = [], 0
-    for i, n in enumerate(widths):
-        ranks = torch.tensor([(7 * i + 17 * s) % R + 1 for s in range(S)], dtype=torch.int32)  # R 40: up to 35
-        a = torch.randn(S, R, H_in, generator=g)
-        b = torch.randn(S, n, R, generator=g)
-        for s in range(S):  # beyond the rank: NaN, never read
-            a[s, ranks[s]:] = float("nan")
-            b[s, :, ranks[s]:] = float("nan")
-        slot_map = torch.tensor([-1, 0, 1, 2, -1 if i == 1 else 0], dtype=torch.int32)  # pool slot 3 -> none on member 1
-        out.append(LG.GroupMember(a.to(DEV), b.to(DEV), ranks.to(DEV), (torch.rand(S, generator=g) + 0.5).to(DEV),
-                                  slot_map.to(DEV), torch.zeros(T, R, device=DEV), col))
-        col += n + 3  # a gap of 3 columns between members: must stay untouched
-    return out, col
+    return lora_members(widths, T, H_in, R=R, S=S, seed=seed, device=DEV, gap=3)  # the gaps must stay untouched
 
 
 def naive(x, token_slot, ms, y):

@@ -9,6 +9,7 @@ weights, bf16 and fp16, and CUDA-graph capture.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -22,6 +23,7 @@ if not CUDA:
 
 from quiver.kernels import nf4  # noqa: E402
 from quiver.kernels import nf4_words as W  # noqa: E402
+from group_members import lora_members  # noqa: E402
 
 _OK, _WHY = triton_runnable(W.HAS_TRITON, W._nf4_words_kernel) if W.HAS_TRITON else (False, "no triton")
 needs_triton = pytest.mark.skipif(not _OK, reason=_WHY)
@@ -183,23 +185,8 @@ def test_pick_words_config_buckets_and_split():
 
 
 def _lora_members(widths, T, K, R=8, S=3, seed=0):
-    """LoRA members (kernels/lora_group.py) over an input of width K, ranks 1..R, on DEV."""
-    from quiver.kernels.lora_group import GroupMember
-
-    g = torch.Generator().manual_seed(seed)
-    out, col = [], 0
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    for i, n in enumerate(widths):
-        ranks = torch.tensor([(7 * i + 17 * s) % R + 1 for s in range(S)], dtype=torch.int32)
-        a = torch.randn(S, R, K, generator=g)
-        for s in range(S):
-            a[s, ranks[s]:] = float("nan")  # beyond the rank: never read
-        slot_map = torch.tensor([-1, 0, 1, 2, -1 if i == 1 else 0], dtype=torch.int32)  # slot 3: none on member 1
-        out.append(GroupMember(a.to(dtype).to(DEV), torch.randn(S, n, R, generator=g).to(dtype).to(DEV),
-                               ranks.to(DEV), torch.ones(S, device=DEV), slot_map.to(DEV),
-                               torch.zeros(T, R, device=DEV), col))
-        col += n
-    return out
+    return lora_members(widths, T, K, R=R, S=S, seed=seed, dtype=torch.bfloat16 if CUDA else torch.float32,
+                        device=DEV)[0]
 
 
 @pytest.mark.gpu  # also runs on CPU under the interpreter
@@ -259,3 +246,21 @@ def test_nf4_linear_shrink_in_either_layout(monkeypatch):
         hs.append(torch.cat([m.h for m in ms], dim=1))
     assert hs[0].abs().sum() > 0
     torch.testing.assert_close(hs[0], hs[1], rtol=1e-3, atol=1e-3)
+
+
+@needs_triton
+def test_shrink_members_are_checked_before_the_launch():
+    """A member whose layout the shrink programs cannot take (h of the wrong shape) is refused
+    before the word kernel runs: y is not written, no h is touched."""
+    w = synthetic(40, 256, seed=6)
+    words = W.words_from_nf4(w)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEV)
+    token_slot = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEV)
+    ms = _lora_members((16, 8), 3, 256)
+    ms[1] = dataclasses.replace(ms[1], h=torch.zeros(2, ms[1].h.shape[1], device=DEV))
+    with pytest.raises(AssertionError):
+        W.triton_nf4_words_linear(x, words, w.absmax, shrink=(token_slot, ms))
+    assert ms[0].h.abs().sum() == 0
+    with pytest.raises(AssertionError):  # token_slot of another length
+        W.triton_nf4_words_linear(x, words, w.absmax, shrink=(token_slot[:2], ms[:1]))
