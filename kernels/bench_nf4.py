@@ -446,8 +446,7 @@ def gemv_candidates() -> list[dict]:
         for nw in (2, 4):
             for ns in (1, 3):
                 for sk in (8, 16, 32):
-                    for pf in (False, True):
-                        c.append(dict(gemv=True, block_n=bn, num_warps=nw, num_stages=ns, split_k=sk, prefetch=pf))
+                    c.append(dict(gemv=True, block_n=bn, num_warps=nw, num_stages=ns, split_k=sk))
     return c
 
 

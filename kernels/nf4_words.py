@@ -25,6 +25,11 @@ products accumulate in float32 and each 64-block sum is scaled in float32. bitsa
 code * absmax to bf16 instead; both are one bf16 rounding of the same weight, so outputs agree
 to bf16 accuracy (tested against bitsandbytes' dequantized reference), not bit for bit.
 
+One batch row (M <= GEMV_MAX_M) takes a CUDA-core path instead (`_words_gemv_tile`, GEMV): a
+tensor-core tile pads one token to 16 rows; there each program takes one row, the same words and
+the same `prmt` lookup, multiplies the codes by x in float32 and scales each 64-block by absmax.
+Split-K partials of either path are summed by the tile's last split in the same launch.
+
 Layout (`words_from_nf4(NF4Weight) -> words [K/128 * 16, N] int32`) is made once at load from
 the same 4-bit codes; absmax stays NF4Weight.absmax [K/64, N] float32. Requires K % 128 == 0.
 Under TRITON_INTERPRET=1 (CPU tests) the table lookup is a gather from a float32 table and the
@@ -69,8 +74,9 @@ SPLIT_MAX_ROWS = 256  # split * M: bound on the float32 split-K partials
 GEMV_MAX_M = 1
 # H200 sweep at M=1 (docs/results/h200/gpu_nf4_words_gemv.json): BLOCK_N 64, 4 warps, K split
 # until ~16 programs per SM (at most 32): 6-13% faster than the tensor-core path on every shape;
-# at M=2 the re-read weights make it 35-45% slower, hence GEMV_MAX_M = 1
-GEMV_CONFIG = dict(block_n=64, num_warps=4, num_stages=1, split=32, prefetch=False, per_sm=16)
+# at M=2 the re-read weights make it 35-45% slower, hence GEMV_MAX_M = 1. Loading the next word
+# group into registers before this one's arithmetic (measured there as `prefetch`) gained nothing.
+GEMV_CONFIG = dict(block_n=64, num_warps=4, num_stages=1, split=32, per_sm=16)
 WORDS_MAX_M = 128  # above: prefill path (Triton dequantize + cuBLAS)
 DEQUANT_BLOCK_N = 64
 # LoRA shrinks in the word kernel's launch: ~2 programs per SM of 256-input blocks (its 4 warps),
@@ -230,7 +236,7 @@ if HAS_TRITON:
     def _words_gemv_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, groups_per_split,
                          G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm: tl.constexpr,
                          DOT_TY: tl.constexpr, USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr):
+                         BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         """One batch row (pid_m) over BLOCK_N outputs and split pid_s of the word groups, on the
         CUDA cores: no tensor-core tile of 16 rows for one token. acc[r, n] sums, in float32, the
         products of the inputs 128g + 16s + r; the 16 rows are summed once at the end."""
@@ -243,15 +249,8 @@ if HAS_TRITON:
         w_tile = w_ptr + offs_r[:, None] * stride_w + offs_n[None, :]  # [16, BLOCK_N] words
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_r * stride_xk
         acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-        w_next = tl.load(w_tile + g_begin * 16 * stride_w, mask=n_mask[None, :] & (offs_r[:, None] * 0 + g_begin < g_end),
-                         other=0)
         for g in range(g_begin, g_end):
-            if PF:  # the next group's words are loaded before this group's arithmetic
-                w = w_next
-                w_next = tl.load(w_tile + (g + 1) * 16 * stride_w, mask=n_mask[None, :] & (offs_r[:, None] * 0 + g + 1 < g_end),
-                                 other=0)
-            else:
-                w = tl.load(w_tile + g * 16 * stride_w, mask=n_mask[None, :], other=0)
+            w = tl.load(w_tile + g * 16 * stride_w, mask=n_mask[None, :], other=0)
             am0 = tl.load(absmax_ptr + (2 * g) * stride_am + offs_n, mask=n_mask, other=0.0)
             am1 = tl.load(absmax_ptr + (2 * g + 1) * stride_am + offs_n, mask=n_mask, other=0.0)
             xg = x_row + g * 128 * stride_xk
@@ -336,7 +335,6 @@ if HAS_TRITON:
         SH_SPLIT_K: tl.constexpr = 1,
         SH_R_FLAT: tl.constexpr = 0,
         GEMV: tl.constexpr = False,  # one batch row per program on the CUDA cores (_words_gemv_tile)
-        GEMV_PF: tl.constexpr = False,  # ... loading the next word group before the arithmetic on this one
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -354,7 +352,7 @@ if HAS_TRITON:
         elif GEMV:
             _words_gemv_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
                              groups_per_split, G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm,
-                             DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_N, PDL, GEMV_PF)
+                             DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_N, PDL)
         else:
             _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
                         groups_per_split, G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm,
@@ -387,7 +385,7 @@ def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides)
     if gemv or (gemv is None and M <= int(os.environ.get("QUIVER_NF4_GEMV_MAX_M", GEMV_MAX_M))):
         g = GEMV_CONFIG
         bm, bn, nw, ns, sk = 1, g["block_n"], g["num_warps"], g["num_stages"], g["split"]
-        cfg = dict(gemv=True, block_m=1, block_n=bn, num_warps=nw, num_stages=ns, prefetch=g["prefetch"])
+        cfg = dict(gemv=True, block_m=1, block_n=bn, num_warps=nw, num_stages=ns)
     else:
         for max_m, bm, bn, nw, ns, sk in WORDS_CONFIGS:
             if M <= max_m:
@@ -476,7 +474,6 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
             x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0), *sh_args,
             asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
             HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn, GEMV=gemv,
-            GEMV_PF=gemv and bool(cfg.get("prefetch")),
             num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch, **sh_const, **_pdl_args(x))
     return out.reshape(*lead, N)
 

@@ -68,8 +68,8 @@ def test_prmt_table_encodes_the_codes():
     (17, 48, 384, dict(split_k=2, block_m=16, block_n=16)),
     (1, 32, 512, dict()),
     (1, 40, 256, dict(gemv=True)),  # the CUDA-core path, one program per batch row
-    (3, 48, 384, dict(gemv=True, split_k=2, block_n=16, prefetch=True)),
-    (2, 32, 512, dict(gemv=True, split_k=1, prefetch=True)),
+    (3, 48, 384, dict(gemv=True, split_k=2, block_n=16)),
+    (2, 32, 512, dict(gemv=True, split_k=1)),
 ])
 def test_kernel_matches_reference(M, N, K, kw):
     w = synthetic(N, K, seed=M)
