@@ -508,9 +508,11 @@ if HAS_TRITON:
     def _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, t, pid_n, H_out,
                           stride_ht, stride_bs, stride_bn, stride_yt,
                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr,
-                          R_FLAT: tl.constexpr = 0):
+                          R_FLAT: tl.constexpr = 0, EARLY_FIRST: tl.constexpr = False):
         """R_FLAT (the pool rank, <= BLOCK_R): one rank block; y and h are loaded before the
-        token's slot is known and B's load waits only for the slot (its rank masks after)."""
+        token's slot is known and B's load waits only for the slot (its rank masks after).
+        EARLY_FIRST (a pool of more than one rank block): the first block so, the rest of the
+        slot's rank in the rank-bound loop."""
         n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n_offs < H_out
         r_offs = tl.arange(0, BLOCK_R)
@@ -526,6 +528,22 @@ if HAS_TRITON:
             rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
             scale = tl.load(scale_ptr + slot_c)
             acc = tl.sum(tl.where((r_offs < rank)[None, :], bv.to(tl.float32) * hv[None, :], 0.0), axis=1)
+            y_mask = n_offs < tl.where(has, H_out, 0)
+        elif EARLY_FIRST:
+            yv = tl.load(y_row, mask=n_mask, other=0.0).to(tl.float32)
+            hv = tl.load(h_row + r_offs).to(tl.float32)  # the pool holds more than BLOCK_R ranks
+            slot_c, has = _token_slot(slot_ptr, map_ptr, t, HAS_MAP)
+            b_rows = b_ptr + slot_c * stride_bs + n_offs[:, None].to(tl.int64) * stride_bn
+            bv = tl.load(b_rows + r_offs[None, :], mask=(n_offs < tl.where(has, H_out, 0))[:, None], other=0.0)
+            rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
+            scale = tl.load(scale_ptr + slot_c)
+            acc = tl.sum(tl.where((r_offs < rank)[None, :], bv.to(tl.float32) * hv[None, :], 0.0), axis=1)
+            for k in range(BLOCK_R, rank, BLOCK_R):  # ranks past the first block
+                rr = k + r_offs
+                rk_mask = rr < rank
+                hv = tl.load(h_row + rr, mask=rk_mask, other=0.0).to(tl.float32)
+                bv = tl.load(b_rows + rr[None, :], mask=n_mask[:, None] & rk_mask[None, :], other=0.0)
+                acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
             y_mask = n_offs < tl.where(has, H_out, 0)
         else:
             slot_c, rank = _token_rank(slot_ptr, map_ptr, rank_ptr, t, HAS_MAP)

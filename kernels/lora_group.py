@@ -43,8 +43,9 @@ __all__ = ["GroupMember", "ShrinkPlan", "check_members", "group_shrink", "lora_g
 MAX_MEMBERS = 3
 # Pools of rank <= FLAT_MAX_RANK: the BGMV loads wait for the token's slot only, not its rank
 # (kernels/lora.py R_FLAT); a slot of lower rank reads the pool's rows and masks the rest. Larger
-# pools keep the rank-bound loops, which read no row past a slot's rank. QUIVER_LORA_EARLY=0:
-# the rank-bound loops everywhere.
+# pools keep the rank-bound loops, which read no row past a slot's rank, except the expand's
+# first rank block (EARLY_FIRST: loaded as soon as the slot is known, the rest rank-bound).
+# QUIVER_LORA_EARLY=0: the rank-bound loops everywhere.
 
 
 def lora_early() -> bool:
@@ -106,7 +107,8 @@ if HAS_TRITON:
     def _group_expand_kernel(slot_ptr, y_ptr, h0, h1, h2, b0, b1, b2, m0, m1, m2, r0, r1, r2, s0, s1, s2,
                              n0, n1, n2, c0, c1, c2, nb0, nb1, stride_ht, stride_bs0, stride_bs1, stride_bs2,
                              stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                             R_FLAT: tl.constexpr = 0, PDL: tl.constexpr = False):
+                             R_FLAT: tl.constexpr = 0, EARLY_FIRST: tl.constexpr = False,
+                             PDL: tl.constexpr = False):
         pdl_start(PDL)
         pid_n = tl.program_id(1)
         g = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb0 + nb1).to(tl.int32)
@@ -115,7 +117,7 @@ if HAS_TRITON:
         _bgmv_expand_body(_pick(g, h0, h1, h2), _pick(g, b0, b1, b2), slot_ptr, _pick(g, m0, m1, m2),
                           _pick(g, r0, r1, r2), _pick(g, s0, s1, s2), y_ptr + col, tl.program_id(0), pid_n - first,
                           _pick(g, n0, n1, n2), stride_ht, _pick(g, stride_bs0, stride_bs1, stride_bs2), stride_bn,
-                          stride_yt, BLOCK_N, BLOCK_R, True, R_FLAT)
+                          stride_yt, BLOCK_N, BLOCK_R, True, R_FLAT, EARLY_FIRST)
 
 
 def check_members(x, token_slot, members, y=None) -> None:
@@ -198,7 +200,8 @@ def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y:
             token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
             members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
-            BLOCK_N=block_n, BLOCK_R=block_r, R_FLAT=_flat(R, block_r), num_warps=num_warps, **pdl_kwargs(y))
+            BLOCK_N=block_n, BLOCK_R=block_r, R_FLAT=_flat(R, block_r), EARLY_FIRST=R > block_r and lora_early(),
+            num_warps=num_warps, **pdl_kwargs(y))
 
 
 def triton_lora_group(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMember],

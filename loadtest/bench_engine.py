@@ -112,17 +112,18 @@ def bench_adapter(i: int, base: BaseSpec, ranks: list[int], targets: list[str], 
 
 def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[int], targets: list[str],
                 prompt_len: int, steps: int, manager_cache: dict, methods: list[str] = ("lora",),
-                profile: bool = False) -> dict:
+                profile: bool = False, pool_rank: int = 0) -> dict:
     device = loaded.device
+    pool_rank = pool_rank or max(ranks)
     manager = None
     if n_adapters:
-        key = (n_adapters, tuple(ranks), tuple(targets), tuple(methods))
+        key = (n_adapters, tuple(ranks), tuple(targets), tuple(methods), pool_rank)
         if key not in manager_cache:
             import tempfile
 
             base = BaseSpec.from_model(loaded.model)
             m = AdapterManager(AdapterConfig(tempfile.mkdtemp(), num_slots=min(n_adapters, batch),
-                                             max_rank=max(ranks), cpu_cache=n_adapters + 1),
+                                             max_rank=pool_rank, cpu_cache=n_adapters + 1),
                                base, loaded.name, loaded.dtype, device)
             for i in range(n_adapters):
                 m.add(bench_adapter(i, base, ranks, targets, list(methods), device))
@@ -288,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="32")
     ap.add_argument("--adapters", default="0,32")
     ap.add_argument("--ranks", default="16", help="comma list, cycled over adapters (e.g. 8,16,32,64)")
+    ap.add_argument("--pool-rank", type=int, default=0,
+                    help="rank of the adapter pool's slots (default: the largest of --ranks; the server's is --max-rank 64)")
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--methods", default="lora",
                     help="comma list cycled over adapters: lora, ia3, prefix (e.g. lora,lora,ia3,prefix)")
@@ -325,9 +328,9 @@ def main(argv=None) -> int:
             base_ms = None
             for n in adapter_counts:
                 r = time_decode(loaded, batch, n, ranks, targets, args.prompt_len, args.steps, cache,
-                                args.methods.split(","), profile=batch in profile_batches)
+                                args.methods.split(","), profile=batch in profile_batches, pool_rank=args.pool_rank)
                 r.update(system="quiver", quantize=quantize, weight_mib=loaded.weight_bytes / 2**20,
-                         methods=args.methods, ranks=args.ranks)
+                         methods=args.methods, ranks=args.ranks, pool_rank=args.pool_rank or max(ranks))
                 if n == 0:
                     base_ms = r["ms_per_step"]
                 r["vs_no_adapters"] = r["ms_per_step"] / base_ms if base_ms else None

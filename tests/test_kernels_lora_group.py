@@ -45,12 +45,16 @@ def naive(x, token_slot, ms, y):
 
 
 @pytest.mark.gpu  # also runs on CPU under the interpreter
-@pytest.mark.parametrize("widths,R", [((24, 16, 16), 8), ((33, 17), 8), ((8,), 8), ((24, 16, 16), 40)])
+@pytest.mark.parametrize("widths,R,early", [((24, 16, 16), 8, "1"), ((33, 17), 8, "1"), ((8,), 8, "1"),
+                                           ((24, 16, 16), 40, "1"), ((24, 16, 16), 40, "0"), ((33, 17), 64, "1")])
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_lora_group(widths, R, impl):
-    """R 8: the loads that wait only for the slot (R_FLAT); R 40: two rank blocks, rank-bound loops."""
+def test_lora_group(widths, R, early, impl, monkeypatch):
+    """R 8: the loads that wait only for the slot (R_FLAT); R 40 and 64: several rank blocks,
+    the expand's first one loaded early (EARLY_FIRST) and the rest rank-bound, or (early "0")
+    every loop rank-bound. Slot ranks span one to three blocks."""
     if impl == "triton" and not _OK:
         pytest.skip(_WHY)
+    monkeypatch.setenv("QUIVER_LORA_EARLY", early)
     T = 6
     token_slot = torch.tensor([0, -1, 3, 2, 1, 3], dtype=torch.int32, device=DEV)
     ms, width = members(widths, T, R=R)
