@@ -49,7 +49,7 @@ class AdapterBatch:
         # one zero-filled [T, R] shrink output per LoRA stack, from a single memset per step
         keys = list(self.pool.lora)
         T = self.token_slot.shape[0]
-        ws = torch.zeros(len(keys), T, self.pool.R, dtype=torch.float32, device=self.token_slot.device)
+        ws = torch.zeros(len(keys), T, self._rank(), dtype=torch.float32, device=self.token_slot.device)
         self.shrink_out = dict(zip(keys, ws))
 
     def _slots_for(self, st: LowRankStack) -> torch.Tensor:
@@ -82,16 +82,22 @@ class AdapterBatch:
         y = self._lora(base, x, self._members(keys, widths))
         return [self._after_lora(key, part) for key, part in zip(keys, y.split(widths, dim=-1))]
 
+    def _rank(self) -> int:
+        """LoRA ranks the kernels read: the pool's bound over the LoRAs loaded (SlotPool.lora_rank)."""
+        return self.pool.lora_rank or self.pool.R
+
     def _members(self, keys: list, widths: list[int]) -> list[GroupMember]:
         members, col = [], 0
         T = self.token_slot.shape[0]
+        R = self._rank()
         for key, width in zip(keys, widths):
             st = self.pool.lora.get(key)
             if st is not None:
                 h = self.shrink_out.get(key)
                 if h is None:
-                    h = torch.zeros(T, st.a.shape[1], dtype=torch.float32, device=self.token_slot.device)
-                members.append(GroupMember(st.a, st.b, st.ranks, st.scaling, st.present, h, col))
+                    h = torch.zeros(T, R, dtype=torch.float32, device=self.token_slot.device)
+                # the first R rank rows of the stacks (views: no copy)
+                members.append(GroupMember(st.a[:, :R], st.b[:, :, :R], st.ranks, st.scaling, st.present, h, col))
             col += width
         return members
 

@@ -53,6 +53,9 @@ class PoolFull(RuntimeError):
     pass
 
 
+MIN_LORA_RANK = 16  # the smallest rank bound (one BGMV rank block)
+
+
 class SlotPool:
     def __init__(self, base: BaseSpec, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
         self.base, self.S, self.R, self.dtype, self.device = base, num_slots, max_rank, dtype, device
@@ -66,7 +69,12 @@ class SlotPool:
         self.resident: dict[int, AdapterWeights] = {}
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
         self.refs = [0] * num_slots
-        self.version = 0  # bumped whenever a new stack is allocated
+        self.version = 0  # bumped whenever a new stack is allocated (and when lora_rank grows)
+        # the LoRA ranks the kernels cover: a power of two (at least MIN_LORA_RANK, at most R) >= the
+        # rank of every LoRA loaded so far. The stacks keep R rows; the kernels read the first
+        # lora_rank (a rank-16 adapter in a rank-64 pool takes the one-rank-block kernels). It
+        # only grows: each growth recaptures the decode graphs once.
+        self.lora_rank = 0
         self.on_evict = None  # callback(slot, weights), e.g. to free prefix KV blocks
         self.arena = None  # adapters/pinned.py PinnedArena of the staged rows: fenced after each load
 
@@ -156,6 +164,11 @@ class SlotPool:
         def put(dst: torch.Tensor, src: torch.Tensor) -> None:
             dst.copy_(src, non_blocking=src.is_pinned())
 
+        if w.lora:
+            need = min(self.R, max(MIN_LORA_RANK, 1 << (max(d.a.shape[0] for d in w.lora.values()) - 1).bit_length()))
+            if need > self.lora_rank:
+                self.lora_rank = need
+                self.version += 1  # captured CUDA graphs cover the smaller rank
         for name in staging.names(w.lora):
             bank = self._lora_bank(name)
             a, b, ranks, scaling, has = staging.lora_rows(w, name, L, self.R, dt)

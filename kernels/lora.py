@@ -186,12 +186,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_float(t: torch.Tensor, name: str, ndim: int) -> None:
+def _check_float(t: torch.Tensor, name: str, ndim: int, views: bool = False) -> None:
+    """views: 3-D stacks may be views (the first ranks of a pool's rows: the references index them)."""
     assert isinstance(t, torch.Tensor), f"{name} must be a tensor"
     assert t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}"
     assert t.dtype in FLOAT_DTYPES, f"{name} dtype {t.dtype} not in {FLOAT_DTYPES}"
     # rows may be strided (a slice of a fused projection's output); the last dim must be dense
-    assert t.stride(-1) == 1 and (ndim != 3 or t.is_contiguous()), f"{name} must be contiguous"
+    assert t.stride(-1) == 1 and (ndim != 3 or views or t.is_contiguous()), f"{name} must be contiguous"
 
 
 def _check_index(t: torch.Tensor, name: str, length: int | None, dtype=torch.int32) -> None:
@@ -209,9 +210,9 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
     assert all(d == first for d in devs.values()), f"tensors on different devices: {devs}"
 
 
-def _check_shrink_args(x, a_stack, ranks) -> tuple[int, int, int, int]:
+def _check_shrink_args(x, a_stack, ranks, views: bool = False) -> tuple[int, int, int, int]:
     _check_float(x, "x", 2)
-    _check_float(a_stack, "a_stack", 3)
+    _check_float(a_stack, "a_stack", 3, views)
     T, H_in = x.shape
     S, R, H_a = a_stack.shape
     assert H_a == H_in, f"a_stack H_in {H_a} != x H_in {H_in}"
@@ -221,9 +222,9 @@ def _check_shrink_args(x, a_stack, ranks) -> tuple[int, int, int, int]:
     return T, H_in, S, R
 
 
-def _check_expand_args(h, b_stack, ranks, scaling, y) -> tuple[int, int, int, int]:
+def _check_expand_args(h, b_stack, ranks, scaling, y, views: bool = False) -> tuple[int, int, int, int]:
     _check_float(h, "h", 2)
-    _check_float(b_stack, "b_stack", 3)
+    _check_float(b_stack, "b_stack", 3, views)
     _check_float(y, "y", 2)
     T, R = h.shape
     S, H_out, R_b = b_stack.shape
@@ -301,7 +302,7 @@ def reference_lora_shrink(
                 h[t, :r] = float32(x[t]) @ float32(a_stack[s, :r]).T
         return h
     """
-    T, H_in, S, R = _check_shrink_args(x, a_stack, ranks)
+    T, H_in, S, R = _check_shrink_args(x, a_stack, ranks, views=True)
     _check_index(token_slot, "token_slot", T)
     _check_same_device(x=x, a_stack=a_stack, token_slot=token_slot, ranks=ranks)
     token_slot = _mapped(token_slot, slot_map)
@@ -334,7 +335,7 @@ def reference_lora_expand(
                 r = ranks[s]
                 y[t] = y.dtype(float32(y[t]) + scaling[s] * (float32(h[t, :r]) @ float32(b_stack[s, :, :r]).T))
     """
-    T, H_out, S, R = _check_expand_args(h, b_stack, ranks, scaling, y)
+    T, H_out, S, R = _check_expand_args(h, b_stack, ranks, scaling, y, views=True)
     _check_index(token_slot, "token_slot", T)
     _check_same_device(h=h, b_stack=b_stack, token_slot=token_slot, ranks=ranks, scaling=scaling, y=y)
     token_slot = _mapped(token_slot, slot_map)

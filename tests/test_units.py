@@ -365,6 +365,49 @@ def test_staged_adapter_loads_the_same_slot_rows():
     assert pools[1].load(weights("e")) == 0
 
 
+def test_pool_lora_rank_bound_grows_with_the_adapters_loaded():
+    """SlotPool.lora_rank: a power of two >= every loaded LoRA's rank (at least 16, at most the
+    pool rank), bumping the pool version (graph recapture) only when it grows; AdapterBatch hands
+    the kernels the first lora_rank rows of the stacks, and a step still matches the reference."""
+    from quiver.adapters.base import BaseSpec
+    from quiver.adapters.batch import AdapterBatch
+    from quiver.adapters.pool import SlotPool
+    from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
+    from quiver.kernels import reference_lora_expand, reference_lora_shrink
+
+    shapes = {"q_proj": (24, 16)}
+    base = BaseSpec(n_layers=1, hidden=16, n_kv_heads=1, head_dim=16, shapes=shapes)
+    g = torch.Generator().manual_seed(0)
+
+    def lora(name, r):
+        return AdapterWeights(AdapterInfo(name, "lora", rank=r), lora={
+            (0, "q_proj"): LoraDelta(torch.randn(r, 16, generator=g), torch.randn(24, r, generator=g), 0.5)})
+
+    pool = SlotPool(base, 3, 64, torch.float32, torch.device("cpu"))
+    assert pool.lora_rank == 0
+    steps = []
+    for name, r in (("a", 8), ("b", 16), ("c", 20), ("d", 4)):
+        before = pool.version
+        pool.load(lora(name, r))
+        steps.append((pool.lora_rank, pool.version > before))
+    # a: 16 (and a new bank); b: no growth; c: 32; d evicts a, no growth
+    assert steps == [(16, True), (16, False), (32, True), (32, False)]
+    token_slot = torch.tensor([1, 2, -1, 0], dtype=torch.int32)  # b, c, none, d
+    batch = AdapterBatch(pool, token_slot)
+    batch.begin()
+    x = torch.randn(4, 16, generator=g)
+    st = pool.lora[(0, "q_proj")]
+    (m,) = batch._members([(0, "q_proj")], [0])
+    assert m.a.shape == (3, 32, 16) and m.b.shape == (3, 24, 32) and m.h.shape == (4, 32)
+    y = batch.linear(0, "q_proj", x, lambda v: torch.zeros(4, 24))
+    h = reference_lora_shrink(x, st.a, token_slot, st.ranks, slot_map=st.present)  # the full rank-64 rows
+    want = reference_lora_expand(h, st.b, token_slot, st.ranks, st.scaling, torch.zeros(4, 24), slot_map=st.present)
+    torch.testing.assert_close(y, want)
+    assert y[2].abs().sum() == 0 and y[1].abs().sum() > 0
+    pool.load(lora("e", 33))
+    assert pool.lora_rank == 64
+
+
 def test_capture_all_graphs_ahead_of_serving(fp32_model, monkeypatch):
     """DecodeGraphs.capture_all captures the no-adapter graph of every bucket, largest first,
     from padding rows only (the scratch KV slot); decode steps then capture nothing. (CPU: the
