@@ -70,8 +70,8 @@ class SlotPool:
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
         self.refs = [0] * num_slots
         self.version = 0  # bumped whenever a new stack is allocated (and when lora_rank grows)
-        # the LoRA ranks the kernels cover: a power of two (at least MIN_LORA_RANK, at most R) >= the
-        # rank of every LoRA loaded so far. The stacks keep R rows; the kernels read the first
+        # the LoRA ranks the kernels cover: the smallest power of two >= MIN_LORA_RANK and >= the
+        # rank of every LoRA loaded so far, capped at R (so R itself when R is not a power of two). The stacks keep R rows; the kernels read the first
         # lora_rank (a rank-16 adapter in a rank-64 pool takes the one-rank-block kernels). It
         # only grows: each growth recaptures the decode graphs once.
         self.lora_rank = 0

@@ -127,6 +127,7 @@ def check_members(x, token_slot, members, y=None) -> None:
     a0 = members[0].a
     for m in members:
         assert m.a.shape == a0.shape and m.a.stride() == a0.stride() and m.a.dtype == x.dtype, "a stacks differ"
+        assert m.a.stride(2) == 1, "a rows must be unit-stride"
         assert m.b.stride(2) == 1 and m.b.shape[2] == a0.shape[1] and m.b.stride(1) == members[0].b.stride(1)
         assert m.h.shape == (T, a0.shape[1]) and m.h.dtype == torch.float32 and m.h.stride() == members[0].h.stride()
         assert y is None or (0 <= m.col and m.col + m.b.shape[1] <= y.shape[1])

@@ -7,22 +7,28 @@ import torch
 from quiver.kernels.lora_group import GroupMember
 
 
-def lora_members(widths, T, K, *, R=8, S=3, seed=0, dtype=torch.float32, device="cpu", gap=0):
+def lora_members(widths, T, K, *, R=8, S=3, seed=0, dtype=torch.float32, device="cpu", gap=0, pool=0):
     """One member per width over an input of width K: S slots of ranks 1..R (NaN past a slot's
     rank in A and B: never read), pool slot 3 without a stack on member 1, zeroed h [T, R];
-    members' columns `gap` apart. Returns (members, total width of y)."""
+    members' columns `gap` apart. pool > R: A and B are views [:, :R] of stacks of rank `pool`
+    (NaN past R), as the adapter pool hands them to the kernels under its rank bound.
+    Returns (members, total width of y)."""
     g = torch.Generator().manual_seed(seed)
     out, col = [], 0
     for i, n in enumerate(widths):
         ranks = torch.tensor([(7 * i + 17 * s) % R + 1 for s in range(S)], dtype=torch.int32)  # R 40: up to 35
-        a = torch.randn(S, R, K, generator=g)
-        b = torch.randn(S, n, R, generator=g)
+        P = max(pool, R)
+        a = torch.full((S, P, K), float("nan"))
+        b = torch.full((S, n, P), float("nan"))
+        a[:, :R] = torch.randn(S, R, K, generator=g)
+        b[:, :, :R] = torch.randn(S, n, R, generator=g)
+        a, b = a.to(dtype).to(device)[:, :R], b.to(dtype).to(device)[:, :, :R]
         for s in range(S):
             a[s, ranks[s]:] = float("nan")
             b[s, :, ranks[s]:] = float("nan")
         slot_map = torch.tensor([-1, 0, 1, 2, -1 if i == 1 else 0], dtype=torch.int32)
         scaling = torch.rand(S, generator=g) + 0.5
-        out.append(GroupMember(a.to(dtype).to(device), b.to(dtype).to(device), ranks.to(device), scaling.to(device),
+        out.append(GroupMember(a, b, ranks.to(device), scaling.to(device),
                                slot_map.to(device), torch.zeros(T, R, device=device), col))
         col += n + gap
     return out, col

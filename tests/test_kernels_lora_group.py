@@ -27,8 +27,8 @@ _OK, _WHY = triton_runnable(LG.HAS_TRITON, LG._group_shrink_kernel) if LG.HAS_TR
 DEV = "cuda" if CUDA else "cpu"
 
 
-def members(widths, T, H_in=40, R=8, S=3, seed=0):
-    return lora_members(widths, T, H_in, R=R, S=S, seed=seed, device=DEV, gap=3)  # the gaps must stay untouched
+def members(widths, T, H_in=40, R=8, S=3, seed=0, pool=0):
+    return lora_members(widths, T, H_in, R=R, S=S, seed=seed, device=DEV, gap=3, pool=pool)  # the gaps must stay untouched
 
 
 def naive(x, token_slot, ms, y):
@@ -45,19 +45,22 @@ def naive(x, token_slot, ms, y):
 
 
 @pytest.mark.gpu  # also runs on CPU under the interpreter
-@pytest.mark.parametrize("widths,R,early", [((24, 16, 16), 8, "1"), ((33, 17), 8, "1"), ((8,), 8, "1"),
-                                           ((24, 16, 16), 40, "1"), ((24, 16, 16), 40, "0"), ((33, 17), 64, "1")])
+@pytest.mark.parametrize("widths,R,early,pool", [
+    ((24, 16, 16), 8, "1", 0), ((33, 17), 8, "1", 0), ((8,), 8, "1", 0), ((24, 16, 16), 40, "1", 0),
+    ((24, 16, 16), 40, "0", 0), ((33, 17), 64, "1", 0), ((24, 16), 16, "1", 64), ((33, 17), 32, "0", 64)])
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_lora_group(widths, R, early, impl, monkeypatch):
+def test_lora_group(widths, R, early, pool, impl, monkeypatch):
     """R 8: the loads that wait only for the slot (R_FLAT); R 40 and 64: several rank blocks,
     the expand's first one loaded early (EARLY_FIRST) and the rest rank-bound, or (early "0")
-    every loop rank-bound. Slot ranks span one to three blocks."""
+    every loop rank-bound. Slot ranks span one to three blocks. pool 64: the stacks are rank-R
+    views of a rank-64 pool (the adapter pool's rank bound), NaN past R."""
     if impl == "triton" and not _OK:
         pytest.skip(_WHY)
     monkeypatch.setenv("QUIVER_LORA_EARLY", early)
     T = 6
     token_slot = torch.tensor([0, -1, 3, 2, 1, 3], dtype=torch.int32, device=DEV)
-    ms, width = members(widths, T, R=R)
+    ms, width = members(widths, T, R=R, pool=pool)
+    assert not pool or not ms[0].a.is_contiguous()
     x = torch.randn(T, 40, generator=torch.Generator().manual_seed(1)).to(DEV)
     y0 = torch.randn(T, width, generator=torch.Generator().manual_seed(2)).to(DEV)
     fn = LG.reference_lora_group if impl == "reference" else LG.triton_lora_group

@@ -184,9 +184,9 @@ def test_pick_words_config_buckets_and_split():
     assert W.pick_words_config(8, 4096, 4096, cpu, gemv=True)["gemv"]
 
 
-def _lora_members(widths, T, K, R=8, S=3, seed=0):
+def _lora_members(widths, T, K, R=8, S=3, seed=0, pool=0):
     return lora_members(widths, T, K, R=R, S=S, seed=seed, dtype=torch.bfloat16 if CUDA else torch.float32,
-                        device=DEV)[0]
+                        device=DEV, pool=pool)[0]
 
 
 @pytest.mark.gpu  # also runs on CPU under the interpreter
@@ -197,6 +197,7 @@ def _lora_members(widths, T, K, R=8, S=3, seed=0):
     (3, (33, 17), 40, dict(split_k=1)),
     (2, (16, 8), 8, dict()),  # K 1024: the shrink splits K (atomic adds into h)
     (3, (16, 8), 8, dict(gemv=True, split_k=2)),  # beside the CUDA-core path's programs
+    (4, (24, 16), 16, dict(pool=64)),  # rank-16 views of a rank-64 pool (the adapter pool's rank bound)
 ])
 def test_kernel_runs_the_lora_shrinks_of_the_same_x(M, widths, R, kw):
     """The shrink programs in the word kernel's launch fill every member's h as the naive
@@ -209,7 +210,7 @@ def test_kernel_runs_the_lora_shrinks_of_the_same_x(M, widths, R, kw):
     dtype = torch.bfloat16 if CUDA else torch.float32
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEV)
     token_slot = torch.tensor([0, -1, 3, 2, 1][:M], dtype=torch.int32, device=DEV)
-    ms = _lora_members(widths, M, K, R=R)
+    ms = _lora_members(widths, M, K, R=R, pool=kw.pop("pool", 0))
     if K == 1024:
         assert shrink_plan(x, token_slot, ms, target=W.BASE_SHRINK_TARGET, block_k=W.BASE_SHRINK_BLOCK_K).split_k > 1
     y = W.triton_nf4_words_linear(x, words, w.absmax, shrink=(token_slot, ms), **kw)
