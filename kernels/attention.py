@@ -116,6 +116,11 @@ DECODE_NUM_WARPS = 4
 DECODE_NUM_WARPS_SUM = 2  # MHA
 DECODE_NUM_WARPS_FP32_DOT = 8
 DECODE_NUM_STAGES = 2
+# Software pipeline of kernel 1's key loop (PIPELINE): the next tile's K/V loads (and the block
+# ids of the one after) are issued before this tile's arithmetic, so an iteration does not wait
+# on a block-table load and then on the K/V loads it addresses.
+DECODE_PIPELINE_SUM = False
+DECODE_PIPELINE_DOT = False
 # Kernel 2 reads the partials of REDUCE_CHUNK splits per iteration.
 REDUCE_CHUNK = 16
 REDUCE_NUM_WARPS = 4
@@ -257,6 +262,26 @@ def reference_paged_decode_attention(
 if HAS_TRITON:
 
     @triton.jit
+    def _load_kv(k_base, v_base, slots, valid, stride_ks, stride_vs, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+        """K and V tiles [BLOCK_N, BLOCK_D] of the given flat slots (zeros where ~valid)."""
+        d = tl.arange(0, BLOCK_D)
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = valid[:, None]
+        else:
+            kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_base + slots[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
+    def _tile_slots(bt_row, t, hi, BLOCK_SIZE: tl.constexpr):
+        """(flat cache slots, valid) of the context positions t (a tile; valid: t < hi)."""
+        valid = t < hi
+        blk = tl.load(bt_row + t // BLOCK_SIZE, mask=valid, other=0)
+        return blk.to(tl.int64) * BLOCK_SIZE + (t % BLOCK_SIZE), valid
+
+    @triton.jit
     def _attend_tile(
         q,  # [BLOCK_G, D] cache dtype (rows >= GROUP are 0)
         k_base,  # k_cache + kv_head * stride_kh
@@ -274,15 +299,14 @@ if HAS_TRITON:
         USE_DOT: tl.constexpr,
         FP32_IEEE: tl.constexpr,
     ):
-        """One online-softmax step over a BLOCK_N-key tile. NaN-free even when every key of
-        the tile (and of all previous tiles) is masked: the state then stays (-inf, 0, 0)."""
-        d = tl.arange(0, BLOCK_D)
-        if BLOCK_D == HEAD_DIM:
-            kv_mask = valid[:, None]
-        else:
-            kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_base + slots[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)  # [N, BLOCK_D]
-        v = tl.load(v_base + slots[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)  # [N, BLOCK_D]
+        """One online-softmax step over a BLOCK_N-key tile (loads, then _attend_kv)."""
+        k, v = _load_kv(k_base, v_base, slots, valid, stride_ks, stride_vs, HEAD_DIM, BLOCK_D)
+        return _attend_kv(q, k, v, valid, qk_scale, m_i, l_i, acc, USE_DOT, FP32_IEEE)
+
+    @triton.jit
+    def _attend_kv(q, k, v, valid, qk_scale, m_i, l_i, acc, USE_DOT: tl.constexpr, FP32_IEEE: tl.constexpr):
+        """The online-softmax step over loaded K/V tiles. NaN-free even when every key of the
+        tile (and of all previous tiles) is masked: the state then stays (-inf, 0, 0)."""
         if USE_DOT:
             if FP32_IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -344,6 +368,7 @@ if HAS_TRITON:
         USE_DOT: tl.constexpr,
         FP32_IEEE: tl.constexpr,
         PDL: tl.constexpr = False,
+        PIPELINE: tl.constexpr = False,  # the next tile's loads issued before this tile's arithmetic
     ):
         pdl_start(PDL)
         b = tl.program_id(0).to(tl.int64)
@@ -376,13 +401,23 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
         n_offs = tl.arange(0, BLOCK_N)
         bt_row = bt_ptr + b * stride_btb
-        for start in range(lo, hi, BLOCK_N):
-            t = start + n_offs
-            valid = t < hi
-            blk = tl.load(bt_row + t // BLOCK_SIZE, mask=valid, other=0)
-            slots = blk.to(tl.int64) * BLOCK_SIZE + (t % BLOCK_SIZE)
-            m_i, l_i, acc = _attend_tile(q, k_base, v_base, slots, valid, stride_ks, stride_vs, qk_scale,
-                                         m_i, l_i, acc, HEAD_DIM, BLOCK_D, USE_DOT, FP32_IEEE)
+        if PIPELINE:
+            # software pipeline: tile i's K/V are loaded during tile i-1's arithmetic, and the
+            # block ids of tile i+1 then too, so no iteration waits on two dependent loads
+            slots, valid = _tile_slots(bt_row, lo + n_offs, hi, BLOCK_SIZE)
+            k, v = _load_kv(k_base, v_base, slots, valid, stride_ks, stride_vs, HEAD_DIM, BLOCK_D)
+            slots_n, valid_n = _tile_slots(bt_row, lo + BLOCK_N + n_offs, hi, BLOCK_SIZE)
+            for start in range(lo, hi, BLOCK_N):
+                k_n, v_n = _load_kv(k_base, v_base, slots_n, valid_n, stride_ks, stride_vs, HEAD_DIM, BLOCK_D)
+                slots_nn, valid_nn = _tile_slots(bt_row, start + 2 * BLOCK_N + n_offs, hi, BLOCK_SIZE)
+                m_i, l_i, acc = _attend_kv(q, k, v, valid, qk_scale, m_i, l_i, acc, USE_DOT, FP32_IEEE)
+                k, v, valid = k_n, v_n, valid_n
+                slots_n, valid_n = slots_nn, valid_nn
+        else:
+            for start in range(lo, hi, BLOCK_N):
+                slots, valid = _tile_slots(bt_row, start + n_offs, hi, BLOCK_SIZE)
+                m_i, l_i, acc = _attend_tile(q, k_base, v_base, slots, valid, stride_ks, stride_vs, qk_scale,
+                                             m_i, l_i, acc, HEAD_DIM, BLOCK_D, USE_DOT, FP32_IEEE)
         if HAS_PREFIX:
             p_hi = tl.where(s == NUM_SPLITS, P, 0)
             pre_row = pre_ptr + b * stride_pb
@@ -477,6 +512,7 @@ def triton_paged_decode_attention(
     use_dot: bool | None = None,  # None: tl.dot when H // KVH > 1, broadcast + tl.sum for MHA
     num_warps: int | None = None,  # None: DECODE_NUM_WARPS (_FP32_DOT for fp32 tl.dot, _SUM for MHA)
     num_stages: int = DECODE_NUM_STAGES,
+    pipeline: bool | None = None,  # None: DECODE_PIPELINE_DOT / DECODE_PIPELINE_SUM
 ) -> torch.Tensor:  # out [B, H, D] q.dtype
     """Paged decode attention (Triton, FlashDecoding split-K); CUDA-graph capturable.
 
@@ -508,6 +544,8 @@ def triton_paged_decode_attention(
             num_warps = DECODE_NUM_WARPS_FP32_DOT if q.dtype == torch.float32 else DECODE_NUM_WARPS
         else:
             num_warps = DECODE_NUM_WARPS_SUM
+    if pipeline is None:
+        pipeline = DECODE_PIPELINE_DOT if use_dot else DECODE_PIPELINE_SUM
     block_g = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
     block_d = max(16, _next_pow2(D))  # masked when D is not a power of two (>= 16 for tl.dot)
     n_splits, tps = decode_split_plan(B, KVH, max_blocks, block_size, block_n=block_n, num_splits=num_splits)
@@ -536,7 +574,7 @@ def triton_paged_decode_attention(
             block_tables.stride(0), pre_stride,
             so_b, so_h, so_s, sl_b, sl_h,
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-            HAS_PREFIX=has_prefix, SINGLE=single, USE_DOT=use_dot, FP32_IEEE=fp32_ieee,
+            HAS_PREFIX=has_prefix, SINGLE=single, USE_DOT=use_dot, FP32_IEEE=fp32_ieee, PIPELINE=bool(pipeline),
             num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(q),
         )  # fmt: skip
         if not single:

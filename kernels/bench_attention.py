@@ -2,6 +2,8 @@
 
     python -m quiver.kernels.bench_attention [--batch 1,32,128] [--context 150] [--heads 32]
                                              [--kv-heads 32] [--layers 8] [--out FILE.json]
+                                             [--block-n 16,32 --num-warps 2,4 --num-stages 1
+                                              --num-splits 1,2 --pipeline 0,1]   (the grid)
 
 Workload: one decode step's attention over `--layers` layers, each with its own paged K/V cache
 (block size 16, the blocks of every sequence scattered over the cache as a running server
@@ -25,7 +27,7 @@ import torch
 from quiver.kernels.attention import reference_paged_decode_attention, triton_paged_decode_attention
 from quiver.kernels.bench_nf4 import copy_bandwidth, time_graph, write_sweep
 
-GRID = dict(block_n=(16, 32, 64, 128), num_warps=(2, 4, 8), num_stages=(1, 3), num_splits=(1, 2))
+GRID = dict(block_n=(16, 32, 64, 128), num_warps=(2, 4, 8), num_stages=(1, 3), num_splits=(1, 2), pipeline=(False,))
 BLOCK_SIZE, HEAD_DIM = 16, 128
 
 
@@ -52,7 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default=None)
+    for knob, vals in GRID.items():
+        p.add_argument("--" + knob.replace("_", "-"), default=",".join(str(int(v)) for v in vals),
+                       help=f"values of the grid's {knob} (comma-separated; default %(default)s)")
     args = p.parse_args(argv)
+    grid = {knob: tuple(type(vals[0])(int(v)) for v in getattr(args, knob).split(",")) for knob, vals in GRID.items()}
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA device", file=sys.stderr)
         return 2
@@ -72,8 +78,8 @@ def main(argv=None) -> int:
 
         default_ms = timed({})
         ranked = []
-        for vals in itertools.product(*GRID.values()):
-            cfg = dict(zip(GRID, vals))
+        for vals in itertools.product(*grid.values()):
+            cfg = dict(zip(grid, vals))
             try:
                 ranked.append((timed(cfg), cfg))
             except Exception as e:  # a config may not compile (registers, shared memory)

@@ -280,6 +280,20 @@ def test_triton_prefix_slots(dtype, kvh):
 
 
 @needs_triton
+@pytest.mark.parametrize("kvh", [4, 2])
+def test_triton_pipelined_key_loop(kvh):
+    """PIPELINE (the next tile's loads before this tile's arithmetic): contexts of one tile, of
+    two, and of 2-4 tiles ending mid-tile; one split and splits that end or start mid-context
+    (an empty split loads nothing); prefix keys beside it; MHA (tl.sum) and GQA (tl.dot)."""
+    c = Case([1, 16, 33, 0, 61, 48], H=4, KVH=kvh, D=16, block_size=4, dtype=torch.float32, max_blocks=16, seed=13)
+    for splits in (1, 2, 3):
+        _check_triton(c, torch.float32, f"pipeline splits<={splits}", block_n=16, num_splits=splits, pipeline=True)
+    p = Case([6, 0, 37], H=4, KVH=kvh, D=16, block_size=4, dtype=torch.float32, max_blocks=10, prefix_lens=[3, 2, 0],
+             P=20, seed=14)
+    _check_triton(p, torch.float32, "pipeline with prefix", block_n=16, num_splits=2, pipeline=True)
+
+
+@needs_triton
 def test_triton_default_knobs_and_bf16_mha():
     """Default tuning knobs (block_n 64, heuristic splits) and bf16 on the tl.sum path (the
     interpreter's bf16 tl.dot is wrong, so bf16 GQA is checked on GPU only)."""
@@ -376,11 +390,15 @@ def gpu_case(B, H, KVH, D, bs, max_blocks, dtype, seed, ctx=None, device="cuda")
 
 @pytest.mark.parametrize("B", [1, 32, 128])
 @pytest.mark.parametrize("kvh", [32, 8])
+@pytest.mark.parametrize("pipeline", [None, False, True])  # None: the default of the path
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_gpu_matches_reference_bf16(B, kvh):
+def test_gpu_matches_reference_bf16(B, kvh, pipeline):
     q, k, v, tables, ctx = gpu_case(B, 32, kvh, 128, 16, 256, torch.bfloat16, seed=B + kvh)
-    out = A.paged_decode_attention(q, k, v, tables, ctx, 16, 128 ** -0.5)
+    if pipeline is None:
+        out = A.paged_decode_attention(q, k, v, tables, ctx, 16, 128 ** -0.5)
+    else:
+        out = A.triton_paged_decode_attention(q, k, v, tables, ctx, 16, 128 ** -0.5, pipeline=pipeline)
     ref = A.reference_paged_decode_attention(q, k, v, tables, ctx, 16, 128 ** -0.5)
     assert_close(out, ref, TOL[torch.bfloat16], f"gpu B={B} kvh={kvh}")
     assert (out[ctx == 0] == 0).all()
@@ -404,7 +422,9 @@ def test_gpu_block_sizes_and_prefix(bs):
     c = Case([1, bs, bs + 1, 7 * bs + 5, 0, 0, 300], H=32, KVH=8, D=128, block_size=bs, dtype=torch.bfloat16,
              prefix_lens=[6, 0, 3, 10, 4, 0, 6], P=12, seed=bs, device="cuda")
     for splits in (1, 4, None):
-        _check_triton(c, torch.bfloat16, f"gpu prefix bs={bs} splits<={splits}", num_splits=splits)
+        for pipeline in (False, True):
+            _check_triton(c, torch.bfloat16, f"gpu prefix bs={bs} splits<={splits} pipeline={pipeline}",
+                          num_splits=splits, pipeline=pipeline)
     c.prefix_slots = None
     c.pre_k = [x[:0] for x in c.pre_k]
     c.pre_v = [x[:0] for x in c.pre_v]
