@@ -40,7 +40,9 @@ class LowRankStack:
 @dataclass
 class LoraBank:  # one projection name, all layers
     a: torch.Tensor  # [L, S, R, in]
-    b: torch.Tensor  # [L, S, out, R]
+    b: torch.Tensor  # [L, S, out, R], stored rank-major ([L, S, R, out] transposed): the kernels'
+    # view of the first lora_rank ranks is then one dense block per slot, not a strided slice of
+    # every output row
     ranks: torch.Tensor  # [L, S] int32
     scaling: torch.Tensor  # [L, S] float32
     present: torch.Tensor  # [L, S+1] int32
@@ -130,7 +132,8 @@ class SlotPool:
             out_f, in_f = self.base.shapes[name]
             kw = dict(device=self.device)
             bank = LoraBank(
-                a=torch.zeros(L, S, R, in_f, dtype=self.dtype, **kw), b=torch.zeros(L, S, out_f, R, dtype=self.dtype, **kw),
+                a=torch.zeros(L, S, R, in_f, dtype=self.dtype, **kw),
+                b=torch.zeros(L, S, R, out_f, dtype=self.dtype, **kw).transpose(-1, -2),  # rank-major: see LoraBank
                 ranks=torch.ones(L, S, dtype=torch.int32, **kw), scaling=torch.zeros(L, S, dtype=torch.float32, **kw),
                 present=torch.full((L, S + 1), -1, dtype=torch.int32, **kw))
             self.lora_banks[name] = bank

@@ -186,13 +186,22 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_float(t: torch.Tensor, name: str, ndim: int, views: bool = False) -> None:
-    """views: 3-D stacks may be views (the first ranks of a pool's rows: the references index them)."""
+def _check_float(t: torch.Tensor, name: str, ndim: int) -> None:
+    """Rows may be strided (a slice of a fused projection's output; the first ranks of a pool's
+    A rows): the kernels take the outer strides, the last dim must be dense."""
     assert isinstance(t, torch.Tensor), f"{name} must be a tensor"
     assert t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}"
     assert t.dtype in FLOAT_DTYPES, f"{name} dtype {t.dtype} not in {FLOAT_DTYPES}"
-    # rows may be strided (a slice of a fused projection's output); the last dim must be dense
-    assert t.stride(-1) == 1 and (ndim != 3 or views or t.is_contiguous()), f"{name} must be contiguous"
+    assert t.stride(-1) == 1, f"{name} must be dense along its last dim, strides {t.stride()}"
+
+
+def _check_stack_b(b: torch.Tensor) -> None:
+    """B stacks [S, H_out, R] are read through all three strides: dense rows ([S, H_out, R]
+    contiguous, or a view of its first ranks) or rank-major (a pool's banks: stride(1) == 1)."""
+    assert isinstance(b, torch.Tensor), "b_stack must be a tensor"
+    assert b.dim() == 3, f"b_stack must be 3-D, got shape {tuple(b.shape)}"
+    assert b.dtype in FLOAT_DTYPES, f"b_stack dtype {b.dtype} not in {FLOAT_DTYPES}"
+    assert 1 in b.stride()[1:], f"b_stack must be dense along its rank or its output dim, strides {b.stride()}"
 
 
 def _check_index(t: torch.Tensor, name: str, length: int | None, dtype=torch.int32) -> None:
@@ -210,9 +219,9 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
     assert all(d == first for d in devs.values()), f"tensors on different devices: {devs}"
 
 
-def _check_shrink_args(x, a_stack, ranks, views: bool = False) -> tuple[int, int, int, int]:
+def _check_shrink_args(x, a_stack, ranks) -> tuple[int, int, int, int]:
     _check_float(x, "x", 2)
-    _check_float(a_stack, "a_stack", 3, views)
+    _check_float(a_stack, "a_stack", 3)
     T, H_in = x.shape
     S, R, H_a = a_stack.shape
     assert H_a == H_in, f"a_stack H_in {H_a} != x H_in {H_in}"
@@ -222,9 +231,9 @@ def _check_shrink_args(x, a_stack, ranks, views: bool = False) -> tuple[int, int
     return T, H_in, S, R
 
 
-def _check_expand_args(h, b_stack, ranks, scaling, y, views: bool = False) -> tuple[int, int, int, int]:
+def _check_expand_args(h, b_stack, ranks, scaling, y) -> tuple[int, int, int, int]:
     _check_float(h, "h", 2)
-    _check_float(b_stack, "b_stack", 3, views)
+    _check_stack_b(b_stack)
     _check_float(y, "y", 2)
     T, R = h.shape
     S, H_out, R_b = b_stack.shape
@@ -302,7 +311,7 @@ def reference_lora_shrink(
                 h[t, :r] = float32(x[t]) @ float32(a_stack[s, :r]).T
         return h
     """
-    T, H_in, S, R = _check_shrink_args(x, a_stack, ranks, views=True)
+    T, H_in, S, R = _check_shrink_args(x, a_stack, ranks)
     _check_index(token_slot, "token_slot", T)
     _check_same_device(x=x, a_stack=a_stack, token_slot=token_slot, ranks=ranks)
     token_slot = _mapped(token_slot, slot_map)
@@ -335,7 +344,7 @@ def reference_lora_expand(
                 r = ranks[s]
                 y[t] = y.dtype(float32(y[t]) + scaling[s] * (float32(h[t, :r]) @ float32(b_stack[s, :, :r]).T))
     """
-    T, H_out, S, R = _check_expand_args(h, b_stack, ranks, scaling, y, views=True)
+    T, H_out, S, R = _check_expand_args(h, b_stack, ranks, scaling, y)
     _check_index(token_slot, "token_slot", T)
     _check_same_device(h=h, b_stack=b_stack, token_slot=token_slot, ranks=ranks, scaling=scaling, y=y)
     token_slot = _mapped(token_slot, slot_map)
@@ -507,13 +516,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, t, pid_n, H_out,
-                          stride_ht, stride_bs, stride_bn, stride_yt,
+                          stride_ht, stride_bs, stride_bn, stride_br, stride_yt,
                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MAP: tl.constexpr,
                           R_FLAT: tl.constexpr = 0, EARLY_FIRST: tl.constexpr = False):
         """R_FLAT (the pool rank, <= BLOCK_R): one rank block; y and h are loaded before the
         token's slot is known and B's load waits only for the slot (its rank masks after).
         EARLY_FIRST (a pool of more than one rank block): the first block so, the rest of the
-        slot's rank in the rank-bound loop."""
+        slot's rank in the rank-bound loop. B is read through both strides: a pool stores it
+        rank-major (stride_bn 1), so a view of its first ranks is dense."""
         n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n_offs < H_out
         r_offs = tl.arange(0, BLOCK_R)
@@ -524,7 +534,7 @@ if HAS_TRITON:
             hv = tl.load(h_row + r_offs, mask=r_offs < R_FLAT, other=0.0).to(tl.float32)
             slot_c, has = _token_slot(slot_ptr, map_ptr, t, HAS_MAP)
             b_rows = b_ptr + slot_c * stride_bs + n_offs[:, None].to(tl.int64) * stride_bn
-            bv = tl.load(b_rows + r_offs[None, :], mask=(n_offs < tl.where(has, H_out, 0))[:, None]
+            bv = tl.load(b_rows + r_offs[None, :] * stride_br, mask=(n_offs < tl.where(has, H_out, 0))[:, None]
                          & (r_offs < R_FLAT)[None, :], other=0.0)
             rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
             scale = tl.load(scale_ptr + slot_c)
@@ -535,7 +545,8 @@ if HAS_TRITON:
             hv = tl.load(h_row + r_offs).to(tl.float32)  # the pool holds more than BLOCK_R ranks
             slot_c, has = _token_slot(slot_ptr, map_ptr, t, HAS_MAP)
             b_rows = b_ptr + slot_c * stride_bs + n_offs[:, None].to(tl.int64) * stride_bn
-            bv = tl.load(b_rows + r_offs[None, :], mask=(n_offs < tl.where(has, H_out, 0))[:, None], other=0.0)
+            bv = tl.load(b_rows + r_offs[None, :] * stride_br, mask=(n_offs < tl.where(has, H_out, 0))[:, None],
+                         other=0.0)
             rank = tl.where(has, tl.load(rank_ptr + slot_c), 0)
             scale = tl.load(scale_ptr + slot_c)
             acc = tl.sum(tl.where((r_offs < rank)[None, :], bv.to(tl.float32) * hv[None, :], 0.0), axis=1)
@@ -543,7 +554,7 @@ if HAS_TRITON:
                 rr = k + r_offs
                 rk_mask = rr < rank
                 hv = tl.load(h_row + rr, mask=rk_mask, other=0.0).to(tl.float32)
-                bv = tl.load(b_rows + rr[None, :], mask=n_mask[:, None] & rk_mask[None, :], other=0.0)
+                bv = tl.load(b_rows + rr[None, :] * stride_br, mask=n_mask[:, None] & rk_mask[None, :], other=0.0)
                 acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
             y_mask = n_offs < tl.where(has, H_out, 0)
         else:
@@ -554,7 +565,7 @@ if HAS_TRITON:
                 rr = k + r_offs
                 rk_mask = rr < rank
                 hv = tl.load(h_row + rr, mask=rk_mask, other=0.0).to(tl.float32)
-                bv = tl.load(b_rows + rr[None, :], mask=n_mask[:, None] & rk_mask[None, :], other=0.0)
+                bv = tl.load(b_rows + rr[None, :] * stride_br, mask=n_mask[:, None] & rk_mask[None, :], other=0.0)
                 acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
             scale = tl.load(scale_ptr + slot_c)
             y_mask = n_offs < tl.where(rank > 0, H_out, 0)
@@ -574,6 +585,7 @@ if HAS_TRITON:
         stride_ht,
         stride_bs,
         stride_bn,
+        stride_br,
         stride_yt,
         BLOCK_N: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -582,7 +594,7 @@ if HAS_TRITON:
     ):
         pdl_start(PDL)
         _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, tl.program_id(0),
-                          tl.program_id(1), H_out, stride_ht, stride_bs, stride_bn, stride_yt, BLOCK_N, BLOCK_R,
+                          tl.program_id(1), H_out, stride_ht, stride_bs, stride_bn, stride_br, stride_yt, BLOCK_N, BLOCK_R,
                           HAS_MAP)
 
     @triton.jit
@@ -657,6 +669,7 @@ if HAS_TRITON:
         stride_ht,
         stride_bs,
         stride_bn,
+        stride_br,
         stride_yt,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -685,7 +698,7 @@ if HAS_TRITON:
             rr = k + r_offs
             rk_mask = rr < rank
             hv = tl.load(h_rows + rr[None, :], mask=m_mask[:, None] & rk_mask[None, :], other=0.0)
-            bv = tl.load(b_cols + rr[:, None], mask=rk_mask[:, None] & n_mask[None, :], other=0.0)
+            bv = tl.load(b_cols + rr[:, None] * stride_br, mask=rk_mask[:, None] & n_mask[None, :], other=0.0)
             if FP32_IEEE:
                 acc = tl.dot(hv.to(tl.float32), bv, acc, input_precision="ieee")
             else:
@@ -761,7 +774,7 @@ def triton_lora_shrink(
 
 def triton_lora_expand(
     h: torch.Tensor,  # [T, R]            float32 (or float16/bfloat16), contiguous
-    b_stack: torch.Tensor,  # [S, H_out, R] contiguous
+    b_stack: torch.Tensor,  # [S, H_out, R] dense along R or H_out (a pool's rank-major bank)
     token_slot: torch.Tensor,  # [T]      int32, -1 = no adapter
     ranks: torch.Tensor,  # [S]            int32
     scaling: torch.Tensor,  # [S]          float32
@@ -796,7 +809,7 @@ def triton_lora_expand(
         _bgmv_expand_kernel[grid](
             h, b_stack, token_slot, token_slot if slot_map is None else slot_map, ranks, scaling, y,
             H_out,
-            h.stride(0), b_stack.stride(0), b_stack.stride(1), y.stride(0),
+            h.stride(0), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2), y.stride(0),
             BLOCK_N=block_n, BLOCK_R=block_r, HAS_MAP=slot_map is not None,
             num_warps=num_warps, **pdl_kwargs(y),
         )  # fmt: skip
@@ -872,7 +885,7 @@ def triton_sgmv_shrink(
 
 def triton_sgmv_expand(
     h: torch.Tensor,  # [T, R]            contiguous
-    b_stack: torch.Tensor,  # [S, H_out, R] contiguous
+    b_stack: torch.Tensor,  # [S, H_out, R] dense along R or H_out (a pool's rank-major bank)
     seg_indptr: torch.Tensor,  # [G+1]    int32
     seg_slot: torch.Tensor,  # [G]        int32, -1 = no adapter
     ranks: torch.Tensor,  # [S]            int32
@@ -914,7 +927,7 @@ def triton_sgmv_expand(
         _sgmv_expand_kernel[grid](
             h, b_stack, seg_indptr, seg_slot, ranks, scaling, y,
             H_out,
-            h.stride(0), b_stack.stride(0), b_stack.stride(1), y.stride(0),
+            h.stride(0), b_stack.stride(0), b_stack.stride(1), b_stack.stride(2), y.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
             FP32_IEEE=b_stack.dtype == torch.float32,
             num_warps=num_warps,

@@ -106,7 +106,8 @@ if HAS_TRITON:
     @triton.jit
     def _group_expand_kernel(slot_ptr, y_ptr, h0, h1, h2, b0, b1, b2, m0, m1, m2, r0, r1, r2, s0, s1, s2,
                              n0, n1, n2, c0, c1, c2, nb0, nb1, stride_ht, stride_bs0, stride_bs1, stride_bs2,
-                             stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                             stride_bn, stride_br0, stride_br1, stride_br2, stride_yt,
+                             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                              R_FLAT: tl.constexpr = 0, EARLY_FIRST: tl.constexpr = False,
                              PDL: tl.constexpr = False):
         pdl_start(PDL)
@@ -117,7 +118,8 @@ if HAS_TRITON:
         _bgmv_expand_body(_pick(g, h0, h1, h2), _pick(g, b0, b1, b2), slot_ptr, _pick(g, m0, m1, m2),
                           _pick(g, r0, r1, r2), _pick(g, s0, s1, s2), y_ptr + col, tl.program_id(0), pid_n - first,
                           _pick(g, n0, n1, n2), stride_ht, _pick(g, stride_bs0, stride_bs1, stride_bs2), stride_bn,
-                          stride_yt, BLOCK_N, BLOCK_R, True, R_FLAT, EARLY_FIRST)
+                          _pick(g, stride_br0, stride_br1, stride_br2), stride_yt, BLOCK_N, BLOCK_R, True, R_FLAT,
+                          EARLY_FIRST)
 
 
 def check_members(x, token_slot, members, y=None) -> None:
@@ -128,7 +130,9 @@ def check_members(x, token_slot, members, y=None) -> None:
     for m in members:
         assert m.a.shape == a0.shape and m.a.stride() == a0.stride() and m.a.dtype == x.dtype, "a stacks differ"
         assert m.a.stride(2) == 1, "a rows must be unit-stride"
-        assert m.b.stride(2) == 1 and m.b.shape[2] == a0.shape[1] and m.b.stride(1) == members[0].b.stride(1)
+        # B's rank stride may differ (a rank-major bank's is its width); the output stride may not
+        assert m.b.shape[2] == a0.shape[1] and m.b.stride(1) == members[0].b.stride(1), "b stacks differ"
+        assert 1 in m.b.stride()[1:], "b must be dense along its rank or its output dim"
         assert m.h.shape == (T, a0.shape[1]) and m.h.dtype == torch.float32 and m.h.stride() == members[0].h.stride()
         assert y is None or (0 <= m.col and m.col + m.b.shape[1] <= y.shape[1])
     assert x.stride(-1) == 1 and (y is None or y.stride(-1) == 1), "rows must be unit-stride"
@@ -200,7 +204,7 @@ def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y:
         _group_expand_kernel[(T, sum(nbs[:G]))](
             token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
-            members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), y.stride(0),
+            members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), *[m.b.stride(2) for m in ms], y.stride(0),
             BLOCK_N=block_n, BLOCK_R=block_r, R_FLAT=_flat(R, block_r), EARLY_FIRST=R > block_r and lora_early(),
             num_warps=num_warps, **pdl_kwargs(y))
 

@@ -62,6 +62,18 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     )
 
 
+def rank_major(b: torch.Tensor) -> torch.Tensor:
+    """The same B stack [S, H_out, R] stored rank-major, as the adapter pool's banks store it."""
+    return b.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def in_larger_pool(a: torch.Tensor, extra: int = 8) -> torch.Tensor:
+    """The same A stack [S, R, H_in] as a view of the first R ranks of a larger stack (NaN past R)."""
+    big = torch.full((a.shape[0], a.shape[1] + extra, a.shape[2]), float("nan"), dtype=a.dtype, device=a.device)
+    big[:, :a.shape[1]] = a
+    return big[:, :a.shape[1]]
+
+
 def make_pool(ranks, H_in, H_out, dtype, device=DEV, R=None, seed=0):
     """Adapter pool with NaN padding beyond each slot's rank (kernels must never read it)."""
     g = torch.Generator().manual_seed(seed)
@@ -276,6 +288,8 @@ def test_triton_bgmv_shrink(case, dtype):
         out = L.triton_lora_shrink(x, a, st, rk, split_k=split_k, block_k=32)
         assert out.dtype == torch.float32
         assert_close(out, ref, dtype, f"bgmv shrink split_k={split_k}")
+    view = in_larger_pool(a)
+    assert_close(L.triton_lora_shrink(x, view, st, rk, block_k=32), ref, dtype, "bgmv shrink, view of a larger pool")
 
 
 @needs_triton
@@ -288,10 +302,11 @@ def test_triton_bgmv_expand(case, dtype):
     h = make_h(len(slots), R, token_ranks(slots, ranks, R))
     y0 = make_x(len(slots), H_out, dtype, seed=3)
     ref = L.reference_lora_expand(h, b, st, rk, sc, y0.clone())
-    out = L.triton_lora_expand(h, b, st, rk, sc, y0.clone(), block_n=32, block_r=4)
-    assert_close(out, ref, dtype, "bgmv expand")
-    none = st == -1
-    assert torch.equal(out[none], y0[none]), "rows with slot -1 were modified"
+    for layout, stack in (("rows", b), ("rank-major", rank_major(b))):
+        out = L.triton_lora_expand(h, stack, st, rk, sc, y0.clone(), block_n=32, block_r=4)
+        assert_close(out, ref, dtype, f"bgmv expand, {layout}")
+        none = st == -1
+        assert torch.equal(out[none], y0[none]), "rows with slot -1 were modified"
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
@@ -339,6 +354,8 @@ def test_triton_sgmv(case, dtype):
     y_ref = L.reference_sgmv_expand(h_in, b, ip, ss, rk, sc, y0.clone())
     y = L.triton_sgmv_expand(h_in, b, ip, ss, rk, sc, y0.clone(), block_m=16, block_n=32, block_r=16)
     assert_close(y, y_ref, dtype, "sgmv expand")
+    y = L.triton_sgmv_expand(h_in, rank_major(b), ip, ss, rk, sc, y0.clone(), block_m=16, block_n=32, block_r=16)
+    assert_close(y, y_ref, dtype, "sgmv expand, rank-major B")
     none = slots_t(slots) == -1
     assert torch.equal(y[none], y0[none]), "rows with no adapter were modified"
 

@@ -47,20 +47,23 @@ def naive(x, token_slot, ms, y):
 @pytest.mark.gpu  # also runs on CPU under the interpreter
 @pytest.mark.parametrize("widths,R,early,pool", [
     ((24, 16, 16), 8, "1", 0), ((33, 17), 8, "1", 0), ((8,), 8, "1", 0), ((24, 16, 16), 40, "1", 0),
-    ((24, 16, 16), 40, "0", 0), ((33, 17), 64, "1", 0), ((24, 16), 16, "1", 64), ((33, 17), 32, "0", 64)])
+    ((24, 16, 16), 40, "0", 0), ((33, 17), 64, "1", 0), ((24, 16), 16, "1", 64), ((33, 17), 32, "0", 64),
+    ((24, 16), 16, "1", 16)])
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_lora_group(widths, R, early, pool, impl, monkeypatch):
     """R 8: the loads that wait only for the slot (R_FLAT); R 40 and 64: several rank blocks,
     the expand's first one loaded early (EARLY_FIRST) and the rest rank-bound, or (early "0")
     every loop rank-bound. Slot ranks span one to three blocks. pool 64: the stacks are rank-R
-    views of a rank-64 pool (the adapter pool's rank bound), NaN past R."""
+    views of a rank-64 pool (the adapter pool's rank bound), NaN past R; pool 16: the whole
+    rank of a rank-16 pool. With a pool, B is stored rank-major as the adapter pool stores it."""
     if impl == "triton" and not _OK:
         pytest.skip(_WHY)
     monkeypatch.setenv("QUIVER_LORA_EARLY", early)
     T = 6
     token_slot = torch.tensor([0, -1, 3, 2, 1, 3], dtype=torch.int32, device=DEV)
     ms, width = members(widths, T, R=R, pool=pool)
-    assert not pool or not ms[0].a.is_contiguous()
+    assert pool == R or not pool or not ms[0].a.is_contiguous()
+    assert not pool or ms[0].b.stride(1) == 1, "the pool's B is rank-major"
     x = torch.randn(T, 40, generator=torch.Generator().manual_seed(1)).to(DEV)
     y0 = torch.randn(T, width, generator=torch.Generator().manual_seed(2)).to(DEV)
     fn = LG.reference_lora_group if impl == "reference" else LG.triton_lora_group
