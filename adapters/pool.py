@@ -1,7 +1,7 @@
 """The fixed pool of accelerator slots that resident adapters live in.
 
 LoRA and vector adapters live in banks, one per projection name over all layers, allocated the
-first time an adapter needs that name: LoRA A [L, S, R, in], B [L, S, out, R], ranks and
+first time an adapter needs that name: LoRA A [L, S, R, in], B [L, S, out, R] (stored rank-major), ranks and
 scaling [L, S], slot map [L, S+1]; scale and bias vectors [L, S, dim] (1 and 0 where a slot has
 none). `lora[(layer, name)]` is a LowRankStack of views into the bank (what the kernels take);
 loading an adapter into slot s is one copy per bank tensor: bank[:, s] <- the adapter's rows

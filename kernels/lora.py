@@ -7,7 +7,8 @@ Adapter weights live in a fixed pool of ``S`` slots, stacked and zero/garbage-pa
 pool's max rank ``R``:
 
     a_stack  [S, R, H_in]   (LoRA A of every slot; rows >= ranks[s] are ignored)
-    b_stack  [S, H_out, R]  (LoRA B of every slot; cols >= ranks[s] are ignored)
+    b_stack  [S, H_out, R]  (LoRA B of every slot; cols >= ranks[s] are ignored; dense along R,
+                             or along H_out: the adapter pool stores it rank-major)
     ranks    [S]  int32     true rank of each slot, 0 < ranks[s] <= R
     scaling  [S]  float32   alpha / r (or whatever multiplier the adapter wants)
 

@@ -112,7 +112,7 @@ def bench_adapter(i: int, base: BaseSpec, ranks: list[int], targets: list[str], 
 
 def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[int], targets: list[str],
                 prompt_len: int, steps: int, manager_cache: dict, methods: list[str] = ("lora",),
-                profile: bool = False, pool_rank: int = 0) -> dict:
+                profile: bool = False, pool_rank: int = 0, host_profile: int = 0) -> dict:
     device = loaded.device
     pool_rank = pool_rank or max(ranks)
     manager = None
@@ -132,7 +132,7 @@ def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[in
         manager.reset_pool(min(n_adapters, batch))
     # Room for every step of the run: no sequence may finish inside the timed window (a smaller
     # batch there would replay, or first capture, another graph and skew the time per step).
-    new_tokens = steps + 16 + (1 if profile else 0)
+    new_tokens = steps + 16 + (1 if profile else 0) + host_profile
     max_len = prompt_len + new_tokens + 8 + (16 if "prefix" in methods else 0)
     cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(batch, min(batch * prompt_len, 8192)),
                        max_model_len=max_len, num_blocks=batch * (-(-max_len // 16) + 1) + 8)  # + shared prefix blocks
@@ -165,6 +165,10 @@ def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[in
     gpu_ms = graph_replay_ms(engine, batch, n_adapters > 0)
     if gpu_ms is not None:  # the rest of a step is host work the GPU waits for
         out.update(graph_ms=gpu_ms, host_ms=ms - gpu_ms)
+    if host_profile:
+        out["host_profile"] = profile_host(engine, host_profile)
+        print(f"host profile, batch {batch}, {n_adapters} adapters ({host_profile} decode steps, cProfile):\n"
+              f"{out['host_profile']}", flush=True)
     if profile:
         out["profile"] = profile_step(engine, device)
         print(f"profile, batch {batch}, {n_adapters} adapters (one decode step, GPU kernels):\n{out['profile']}",
@@ -184,6 +188,24 @@ def graph_replay_ms(engine, batch: int, use_adapters: bool, reps: int = 10) -> f
     if not keys:
         return None
     return replay_ms(graphs.graphs[max(keys, key=lambda k: k[2])][0], reps)
+
+
+def profile_host(engine, steps: int, rows: int = 25) -> str:
+    """Where the engine thread's time goes over `steps` more decode steps (cProfile, by own
+    time; the wait for the GPU shows in the call that syncs). cProfile slows Python code, so read
+    the shares, not the absolute times."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
+    return buf.getvalue()
 
 
 def profile_step(engine, device: torch.device, rows: int = 14) -> str:
@@ -301,6 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-load", action="store_true", help="also time one adapter's disk -> slot load")
     ap.add_argument("--profile", default="", help="comma list of batch sizes whose decode step is profiled "
                                                   "(kernel time table, torch.profiler)")
+    ap.add_argument("--host-profile", type=int, default=0,
+                    help="after the timed steps, profile this many more decode steps on the host (cProfile)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
     device = pick_device("auto")
@@ -328,7 +352,8 @@ def main(argv=None) -> int:
             base_ms = None
             for n in adapter_counts:
                 r = time_decode(loaded, batch, n, ranks, targets, args.prompt_len, args.steps, cache,
-                                args.methods.split(","), profile=batch in profile_batches, pool_rank=args.pool_rank)
+                                args.methods.split(","), profile=batch in profile_batches, pool_rank=args.pool_rank,
+                                host_profile=args.host_profile)
                 r.update(system="quiver", quantize=quantize, weight_mib=loaded.weight_bytes / 2**20,
                          methods=args.methods, ranks=args.ranks, pool_rank=args.pool_rank or max(ranks))
                 if n == 0:

@@ -33,3 +33,8 @@ def test_host_benchmark_runs_real_engine_steps():
 
     r = bench_host.host_step(batch=4, n_adapters=2, steps=5, tokenizer="real")
     assert r["host_ms_per_step"] > 0 and r["tokens"] == 4 * 5  # every sequence decoded every step
+
+
+def test_host_profile_lists_the_engine_calls(fp32_model):
+    r = bench_engine.time_decode(fp32_model, 2, 0, [8], ["q_proj"], 8, 1, {}, host_profile=2)
+    assert "function calls" in r["host_profile"] and "(forward)" in r["host_profile"]
