@@ -197,8 +197,13 @@ class AdapterManager:
         self.arena.fence(w)  # these copies read its staged range too (pool.load fenced the slot copies)
 
     def reset_pool(self, num_slots: int) -> None:
-        """A fresh, empty accelerator pool (at start; benchmarks resize it between runs)."""
+        """A fresh, empty accelerator pool (at start; benchmarks resize it between runs). Its
+        version continues the old pool's: a decode graph captured over the old pool's tensors
+        (keyed by version) must never match the new one."""
+        old = getattr(self, "pool", None)
         self.pool = SlotPool(self.base, num_slots, self.cfg.max_rank, self.dtype, self.device)
+        if old is not None:
+            self.pool.version = old.version + 1
         self.pool.on_evict = self._evicted
         self.pool.arena = self.arena
 

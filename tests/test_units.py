@@ -399,6 +399,7 @@ def test_pool_lora_rank_bound_grows_with_the_adapters_loaded():
     st = pool.lora[(0, "q_proj")]
     (m,) = batch._members([(0, "q_proj")], [0])
     assert m.a.shape == (3, 32, 16) and m.b.shape == (3, 24, 32) and m.h.shape == (4, 32)
+    assert st.b.stride(1) == 1 and m.b[1].transpose(0, 1).is_contiguous(), "B is stored rank-major"
     y = batch.linear(0, "q_proj", x, lambda v: torch.zeros(4, 24))
     h = reference_lora_shrink(x, st.a, token_slot, st.ranks, slot_map=st.present)  # the full rank-64 rows
     want = reference_lora_expand(h, st.b, token_slot, st.ranks, st.scaling, torch.zeros(4, 24), slot_map=st.present)
@@ -406,6 +407,19 @@ def test_pool_lora_rank_bound_grows_with_the_adapters_loaded():
     assert y[2].abs().sum() == 0 and y[1].abs().sum() > 0
     pool.load(lora("e", 33))
     assert pool.lora_rank == 64
+
+
+def test_reset_pool_continues_the_pool_version(tmp_path):
+    """Decode graphs are keyed by pool version: a fresh pool must not reuse an old version."""
+    from quiver.adapters.base import BaseSpec
+    from quiver.adapters.manager import AdapterConfig, AdapterManager
+
+    base = BaseSpec(n_layers=1, hidden=16, n_kv_heads=1, head_dim=16, shapes={"q_proj": (16, 16)})
+    m = AdapterManager(AdapterConfig(str(tmp_path), num_slots=2), base, "x", torch.float32, torch.device("cpu"))
+    m.pool.version = 5
+    old = m.pool
+    m.reset_pool(3)
+    assert m.pool is not old and m.pool.S == 3 and m.pool.version == 6
 
 
 def test_capture_all_graphs_ahead_of_serving(fp32_model, monkeypatch):
