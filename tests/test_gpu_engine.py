@@ -180,6 +180,61 @@ def test_cuda_adapters_mixed_batch_graphs_vs_eager_vs_peft(tmp_path):
             assert toks == expected[(name, i)], name
 
 
+def test_cuda_rank_bound_grows_after_capture(tmp_path):
+    """A rank-8 LoRA's decode graph is captured under the pool's rank bound 16; then a rank-24
+    LoRA grows the bound to 32 (a new pool version): the graphs are recaptured, the stale ones
+    dropped, and both adapters' tokens still match PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_factory import perturb
+    from conftest import run_to_completion
+    from quiver.adapters.base import BaseSpec
+    from quiver.adapters.manager import AdapterConfig, AdapterManager
+    from quiver.server.config import EngineConfig, SamplingParams
+    from quiver.server.engine.engine import Engine
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = tiny_model_dir(tmp_path, "llama", **SHAPE)
+    loaded = load_model(ModelConfig(model=path, quantize="none", dtype="float32", device="cuda"), keep_hf=True)
+    root = tmp_path / "adapters"
+    ids = prompts(3)
+    expected = {}
+    for name, r in (("r8", 8), ("r24", 24)):
+        cfg = LoraConfig(r=r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        pm = get_peft_model(loaded.hf_model, cfg)
+        perturb(pm, r, 0.05)
+        pm.eval()
+        pm.save_pretrained(root / name)
+        for i in ids:
+            t = torch.tensor([i], device="cuda")
+            with torch.inference_mode():
+                out = pm.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=10, do_sample=False,
+                                  pad_token_id=0)
+            expected[(name, tuple(i))] = out[0, len(i):].tolist()
+        pm.unload()
+    manager = AdapterManager(AdapterConfig(str(root), max_rank=64), BaseSpec.from_model(loaded.model), loaded.name,
+                             loaded.dtype, loaded.device)
+    engine = Engine(loaded, EngineConfig(max_model_len=256), adapters=manager)
+    graphs = engine.runner.graphs
+
+    def serve(names):
+        hs = [(n, i, engine.submit(i, SamplingParams(max_new_tokens=10), adapter=manager.resolve(n)))
+              for n in names for i in ids]
+        run_to_completion(engine)
+        for n, i, h in hs:
+            assert h.result().token_ids == expected[(n, tuple(i))], n
+
+    serve(["r8"])
+    assert manager.pool.lora_rank == 16
+    first = {k for k in graphs.graphs if k[1]}
+    assert first, "no adapter graph was captured"
+    serve(["r8", "r24"])
+    assert manager.pool.lora_rank == 32
+    now = {k for k in graphs.graphs if k[1]}
+    assert now and not now & first, "the graphs of the old pool version should be dropped"
+    assert {k[2] for k in now} == {manager.pool.version}
+
+
 def test_arena_range_is_not_reused_while_its_copies_run():
     """A dropped adapter's staged range (adapters/pinned.py) is not handed to the next cold load
     while the slot copies that read it are still queued: the slot gets the first adapter's rows,

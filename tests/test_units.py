@@ -458,6 +458,44 @@ def test_capture_all_graphs_ahead_of_serving(fp32_model, monkeypatch):
     assert dg2.capture_all() == 0 and not dg2.enabled  # graphs off: decode runs eagerly
 
 
+def test_graphs_of_an_older_pool_version_are_dropped(fp32_model, monkeypatch):
+    """A new pool version (a new bank, a grown rank bound, a reset pool) captures new adapter
+    graphs; those of older versions are freed, the no-adapter graphs kept. (CPU: the capture is
+    replaced by a recorder.)"""
+    from quiver.server.config import EngineConfig, SamplingParams
+    from quiver.server.engine import graphs as G
+    from quiver.server.engine.engine import Engine
+
+    engine = Engine(fp32_model, EngineConfig(max_num_seqs=4, max_model_len=64))
+    for prompt in ([5, 6, 7], [8, 9]):
+        engine.submit(prompt, SamplingParams(max_new_tokens=8))
+    inbox, engine._inbox = engine._inbox, []
+    engine._take(inbox)
+    while any(s.num_computed < s.num_tokens - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill
+    scheduled = engine.scheduler.schedule()
+    assert len(scheduled) == 2 and all(item.num_tokens == 1 for item in scheduled)
+    cfg = engine.cfg
+    dg = G.DecodeGraphs(fp32_model.model, engine.kv, 4, cfg.max_blocks_per_seq + 8, cfg.num_blocks * cfg.block_size,
+                        torch.device("cpu"))
+    dg.enabled = True
+
+    class Graph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(dg, "_capture", lambda bucket, adapters: (Graph(), torch.zeros(bucket, 3)))
+    run = lambda version: dg.run(scheduled, engine.runner.blocks, lambda slots: None, lambda seq: [], version)  # noqa: E731
+    run(0)  # no adapters
+    for item in scheduled:
+        item.seq.slot = 0
+    run(1)
+    run(1)
+    assert set(dg.graphs) == {(2, False, 0), (2, True, 1)}
+    run(2)
+    assert set(dg.graphs) == {(2, False, 0), (2, True, 2)}, "the version-1 graph should be dropped"
+
+
 def test_pinned_arena_hands_ranges_back_when_their_owner_is_dropped():
     """First-fit ranges of one slab, aligned, never overlapping; None when full; a dropped
     owner's ranges (an owner restaged holds two) come back only once their fence (the copies

@@ -140,6 +140,9 @@ class DecodeGraphs:
         use_adapters = any(item.seq.slot is not None for item in scheduled)
         key = (bucket, use_adapters, pool_version if use_adapters else 0)
         if key not in self.graphs:
+            if use_adapters:  # graphs over an older pool version are never replayed again: free them
+                for stale in [k for k in self.graphs if k[1] and k[2] != key[2]]:
+                    del self.graphs[stale]
             adapters = adapter_batch_factory(self.token_slot[:bucket]) if use_adapters else None
             if not self._try_capture(key, bucket, adapters):
                 return self.model(self._batch(bucket, adapters), self.kv)[:n]
