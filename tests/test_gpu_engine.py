@@ -124,6 +124,15 @@ def test_cuda_nf4_lora_logits_match_peft(tmp_path, monkeypatch, shrink_in_base):
     assert fused and any(fused) == shrink_in_base, "the word kernel ran the shrinks" if any(fused) else "it did not"
 
 
+def peft_greedy(pm, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens of a PEFT model after the prompt ids (on CUDA)."""
+    t = torch.tensor([ids], device="cuda")
+    with torch.inference_mode():
+        out = pm.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
 def test_cuda_adapters_mixed_batch_graphs_vs_eager_vs_peft(tmp_path):
     """LoRA, DoRA, (IA)3 and prefix adapters on CUDA: graph replay == eager == PEFT."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
@@ -155,11 +164,7 @@ def test_cuda_adapters_mixed_batch_graphs_vs_eager_vs_peft(tmp_path):
         pm.eval()
         pm.save_pretrained(root / name)
         for i in ids:
-            t = torch.tensor([i], device="cuda")
-            with torch.inference_mode():
-                out = pm.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=12, do_sample=False,
-                                  pad_token_id=0)
-            expected[(name, tuple(i))] = out[0, len(i):].tolist()
+            expected[(name, tuple(i))] = peft_greedy(pm, i, 12)
         if not name.startswith("prefix"):
             pm.unload()
     results = {}
@@ -206,11 +211,7 @@ def test_cuda_rank_bound_grows_after_capture(tmp_path):
         pm.eval()
         pm.save_pretrained(root / name)
         for i in ids:
-            t = torch.tensor([i], device="cuda")
-            with torch.inference_mode():
-                out = pm.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=10, do_sample=False,
-                                  pad_token_id=0)
-            expected[(name, tuple(i))] = out[0, len(i):].tolist()
+            expected[(name, tuple(i))] = peft_greedy(pm, i, 10)
         pm.unload()
     manager = AdapterManager(AdapterConfig(str(root), max_rank=64), BaseSpec.from_model(loaded.model), loaded.name,
                              loaded.dtype, loaded.device)
