@@ -1,9 +1,9 @@
 """The fixed pool of accelerator slots that resident adapters live in.
 
 LoRA and vector adapters live in banks, one per projection name over all layers, allocated the
-first time an adapter needs that name: LoRA A [L, S, R, in], B [L, S, out, R] (stored rank-major), ranks and
-scaling [L, S], slot map [L, S+1]; scale and bias vectors [L, S, dim] (1 and 0 where a slot has
-none). `lora[(layer, name)]` is a LowRankStack of views into the bank (what the kernels take);
+first time an adapter needs that name: LoRA A [L, S, R, in], B [L, S, out, R] (stored
+rank-major), ranks and scaling [L, S], slot map [L, S+1]; scale and bias vectors [L, S, dim] (1
+and 0 where a slot has none). `lora[(layer, name)]` is a LowRankStack of views into the bank (what the kernels take);
 loading an adapter into slot s is one copy per bank tensor: bank[:, s] <- the adapter's rows
 (adapters/staging.py, prebuilt and pinned off the engine thread). Bottleneck stacks are per
 (layer, projection). Ranks are padded to R in storage only: kernels loop to each slot's own
@@ -73,9 +73,10 @@ class SlotPool:
         self.refs = [0] * num_slots
         self.version = 0  # bumped whenever a new stack is allocated (and when lora_rank grows)
         # the LoRA ranks the kernels cover: the smallest power of two >= MIN_LORA_RANK and >= the
-        # rank of every LoRA loaded so far, capped at R (so R itself when R is not a power of two). The stacks keep R rows; the kernels read the first
-        # lora_rank (a rank-16 adapter in a rank-64 pool takes the one-rank-block kernels). It
-        # only grows: each growth recaptures the decode graphs once.
+        # rank of every LoRA loaded so far, capped at R (so R itself when R is not a power of
+        # two). The stacks keep R rows; the kernels read the first lora_rank (a rank-16 adapter in
+        # a rank-64 pool takes the one-rank-block kernels). It only grows: each growth recaptures
+        # the decode graphs once.
         self.lora_rank = 0
         self.on_evict = None  # callback(slot, weights), e.g. to free prefix KV blocks
         self.arena = None  # adapters/pinned.py PinnedArena of the staged rows: fenced after each load

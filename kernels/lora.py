@@ -187,22 +187,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_float(t: torch.Tensor, name: str, ndim: int) -> None:
+B_DENSE_DIMS = (1, 2)  # B stacks [S, H_out, R]: rows ([S, H_out, R] contiguous, or a view of its
+# first ranks) or rank-major (the adapter pool's banks); the kernels read them through every stride
+
+
+def _check_float(t: torch.Tensor, name: str, ndim: int, dense_dims: tuple[int, ...] = (-1,)) -> None:
     """Rows may be strided (a slice of a fused projection's output; the first ranks of a pool's
-    A rows): the kernels take the outer strides, the last dim must be dense."""
+    A rows): the kernels take the other strides, one of dense_dims must be dense."""
     assert isinstance(t, torch.Tensor), f"{name} must be a tensor"
     assert t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}"
     assert t.dtype in FLOAT_DTYPES, f"{name} dtype {t.dtype} not in {FLOAT_DTYPES}"
-    assert t.stride(-1) == 1, f"{name} must be dense along its last dim, strides {t.stride()}"
-
-
-def _check_stack_b(b: torch.Tensor) -> None:
-    """B stacks [S, H_out, R] are read through all three strides: dense rows ([S, H_out, R]
-    contiguous, or a view of its first ranks) or rank-major (a pool's banks: stride(1) == 1)."""
-    assert isinstance(b, torch.Tensor), "b_stack must be a tensor"
-    assert b.dim() == 3, f"b_stack must be 3-D, got shape {tuple(b.shape)}"
-    assert b.dtype in FLOAT_DTYPES, f"b_stack dtype {b.dtype} not in {FLOAT_DTYPES}"
-    assert 1 in b.stride()[1:], f"b_stack must be dense along its rank or its output dim, strides {b.stride()}"
+    assert any(t.stride(d) == 1 for d in dense_dims), \
+        f"{name} must be dense along dim {dense_dims}, strides {t.stride()}"
 
 
 def _check_index(t: torch.Tensor, name: str, length: int | None, dtype=torch.int32) -> None:
@@ -234,7 +230,7 @@ def _check_shrink_args(x, a_stack, ranks) -> tuple[int, int, int, int]:
 
 def _check_expand_args(h, b_stack, ranks, scaling, y) -> tuple[int, int, int, int]:
     _check_float(h, "h", 2)
-    _check_stack_b(b_stack)
+    _check_float(b_stack, "b_stack", 3, B_DENSE_DIMS)
     _check_float(y, "y", 2)
     T, R = h.shape
     S, H_out, R_b = b_stack.shape
@@ -595,8 +591,8 @@ if HAS_TRITON:
     ):
         pdl_start(PDL)
         _bgmv_expand_body(h_ptr, b_ptr, slot_ptr, map_ptr, rank_ptr, scale_ptr, y_ptr, tl.program_id(0),
-                          tl.program_id(1), H_out, stride_ht, stride_bs, stride_bn, stride_br, stride_yt, BLOCK_N, BLOCK_R,
-                          HAS_MAP)
+                          tl.program_id(1), H_out, stride_ht, stride_bs, stride_bn, stride_br, stride_yt, BLOCK_N,
+                          BLOCK_R, HAS_MAP)
 
     @triton.jit
     def _sgmv_shrink_kernel(

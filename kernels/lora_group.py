@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora import (BGMV_EXPAND_BLOCK_R, BGMV_SHRINK_BLOCK_K, BGMV_SHRINK_MAX_BLOCK_R, BGMV_SHRINK_MAX_SPLIT_K,
-                   BGMV_SHRINK_NUM_WARPS, BGMV_SHRINK_TARGET_PROGRAMS, HAS_TRITON, _cdiv, _device_ctx, _next_pow2,
-                   _split_k, bgmv_expand_tile, lora_expand, lora_shrink, use_triton)
+from .lora import (B_DENSE_DIMS, BGMV_EXPAND_BLOCK_R, BGMV_SHRINK_BLOCK_K, BGMV_SHRINK_MAX_BLOCK_R,
+                   BGMV_SHRINK_MAX_SPLIT_K, BGMV_SHRINK_NUM_WARPS, BGMV_SHRINK_TARGET_PROGRAMS, HAS_TRITON, _cdiv,
+                   _check_float, _device_ctx, _next_pow2, _split_k, bgmv_expand_tile, lora_expand, lora_shrink,
+                   use_triton)
 from .pdl import pdl_kwargs, pdl_start
 
 if HAS_TRITON:
@@ -129,10 +130,10 @@ def check_members(x, token_slot, members, y=None) -> None:
     a0 = members[0].a
     for m in members:
         assert m.a.shape == a0.shape and m.a.stride() == a0.stride() and m.a.dtype == x.dtype, "a stacks differ"
-        assert m.a.stride(2) == 1, "a rows must be unit-stride"
+        _check_float(m.a, "a", 3)
         # B's rank stride may differ (a rank-major bank's is its width); the output stride may not
         assert m.b.shape[2] == a0.shape[1] and m.b.stride(1) == members[0].b.stride(1), "b stacks differ"
-        assert 1 in m.b.stride()[1:], "b must be dense along its rank or its output dim"
+        _check_float(m.b, "b", 3, B_DENSE_DIMS)
         assert m.h.shape == (T, a0.shape[1]) and m.h.dtype == torch.float32 and m.h.stride() == members[0].h.stride()
         assert y is None or (0 <= m.col and m.col + m.b.shape[1] <= y.shape[1])
     assert x.stride(-1) == 1 and (y is None or y.stride(-1) == 1), "rows must be unit-stride"
@@ -204,7 +205,8 @@ def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y:
         _group_expand_kernel[(T, sum(nbs[:G]))](
             token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms], nbs[0], nbs[1],
-            members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1), *[m.b.stride(2) for m in ms], y.stride(0),
+            members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1),
+            *[m.b.stride(2) for m in ms], y.stride(0),
             BLOCK_N=block_n, BLOCK_R=block_r, R_FLAT=_flat(R, block_r), EARLY_FIRST=R > block_r and lora_early(),
             num_warps=num_warps, **pdl_kwargs(y))
 
