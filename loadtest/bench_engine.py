@@ -12,6 +12,8 @@ Reported: ms per decode step, output tok/s, and the ratio against no adapters in
 run; on CUDA also the weight-bandwidth limit measured in the run (a device-to-device copy).
 `--peft-baseline` adds HF transformers + PEFT mixed-batch `generate(adapter_names=...)`.
 `--model llama2-7b` builds a Llama-2-7B-shaped model with random weights on the device.
+`--serial` also times every Quiver row with overlapped steps off (system `quiver-serial`:
+each step waits for its tokens on the host before the next is launched).
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def bench_adapter(i: int, base: BaseSpec, ranks: list[int], targets: list[str], 
 
 def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[int], targets: list[str],
                 prompt_len: int, steps: int, manager_cache: dict, methods: list[str] = ("lora",),
-                profile: bool = False, pool_rank: int = 0, host_profile: int = 0) -> dict:
+                profile: bool = False, pool_rank: int = 0, host_profile: int = 0, overlap: bool | None = None) -> dict:
     device = loaded.device
     pool_rank = pool_rank or max(ranks)
     manager = None
@@ -135,7 +137,8 @@ def time_decode(loaded: LoadedModel, batch: int, n_adapters: int, ranks: list[in
     new_tokens = steps + 16 + (1 if profile else 0) + host_profile
     max_len = prompt_len + new_tokens + 8 + (16 if "prefix" in methods else 0)
     cfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=max(batch, min(batch * prompt_len, 8192)),
-                       max_model_len=max_len, num_blocks=batch * (-(-max_len // 16) + 1) + 8)  # + shared prefix blocks
+                       max_model_len=max_len, num_blocks=batch * (-(-max_len // 16) + 1) + 8,  # + shared prefix blocks
+                       overlap=overlap)
     engine = Engine(loaded, cfg, adapters=manager)
     g = torch.Generator().manual_seed(0)
     vocab = loaded.model.embed.shape[0]
@@ -318,6 +321,7 @@ def main(argv=None) -> int:
                     help="comma list cycled over adapters: lora, ia3, prefix (e.g. lora,lora,ia3,prefix)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--serial", action="store_true", help="also time each Quiver row with overlapped steps off")
     ap.add_argument("--peft-baseline", action="store_true")
     ap.add_argument("--peft-batch", default="", help="comma list: batch sizes of the HF+PEFT baseline (default: all)")
     ap.add_argument("--cold-load", action="store_true", help="also time one adapter's disk -> slot load")
@@ -362,6 +366,13 @@ def main(argv=None) -> int:
                 r["limit_ms"] = limit_ms
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+                if args.serial:
+                    s = time_decode(loaded, batch, n, ranks, targets, args.prompt_len, args.steps, cache,
+                                    args.methods.split(","), pool_rank=args.pool_rank, overlap=False)
+                    s.update({k: r[k] for k in ("quantize", "weight_mib", "methods", "ranks", "pool_rank", "limit_ms")},
+                             system="quiver-serial", vs_no_adapters=None, vs_overlap=s["ms_per_step"] / r["ms_per_step"])
+                    rows.append(s)
+                    print(json.dumps(s), flush=True)
             if args.peft_baseline and (not args.peft_batch or str(batch) in args.peft_batch.split(",")):
                 for n in [a for a in adapter_counts if a <= 32]:
                     r = peft_baseline(loaded.hf_model, batch, n, ranks[0], targets, args.prompt_len, args.steps)

@@ -68,8 +68,8 @@ def host_step(batch: int, n_adapters: int, steps: int, tokenizer: str, prompt_le
     prefix_blocks = manager.prefix_block_list if manager is not None else (lambda seq: [])
     logits = torch.randn(batch, vocab or loaded.model.embed.shape[0]) * logit_std
 
-    def host_only(scheduled):
-        graphs.fill(scheduled, engine.runner.blocks, prefix_blocks)
+    def host_only(scheduled, feed=None):
+        graphs.fill(scheduled, engine.runner.blocks, prefix_blocks, feed)
         return logits[: len(scheduled)]
 
     engine.runner.run = host_only

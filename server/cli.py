@@ -37,6 +37,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=2048, help="prompt + new tokens per sequence")
     p.add_argument("--num-blocks", type=int, default=0, help="KV-cache blocks (0 = derive)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                   help="launch each decode step before the last step's tokens reach the host, so host work "
+                        "overlaps the device's (default auto: on with CUDA)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -51,7 +54,8 @@ def serve(args: argparse.Namespace) -> int:
                                 nf4_kernel=args.nf4_kernel)
         engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_model_len=args.max_model_len)
+                                  max_model_len=args.max_model_len,
+                                  overlap={"auto": None, "on": True, "off": False}[args.overlap])
     except ValueError as exc:  # a flag out of range: say which, no traceback
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2

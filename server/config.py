@@ -43,6 +43,8 @@ class EngineConfig:
     max_model_len: int = 2048  # prompt + generated tokens of one sequence
     default_max_new_tokens: int = 256
     cuda_graphs: bool = True  # replay CUDA graphs for decode-only steps on CUDA
+    # launch each step before the last step's tokens reach the host (engine.py); None = on CUDA
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "default_max_new_tokens"):

@@ -38,3 +38,16 @@ def test_host_benchmark_runs_real_engine_steps():
 def test_host_profile_lists_the_engine_calls(fp32_model):
     r = bench_engine.time_decode(fp32_model, 2, 0, [8], ["q_proj"], 8, 1, {}, host_profile=2)
     assert "function calls" in r["host_profile"] and "(forward)" in r["host_profile"]
+
+
+def test_serial_rows_time_the_engine_without_overlap(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    assert bench_engine.main(["--batch", "2", "--adapters", "0,2", "--steps", "2", "--prompt-len", "8",
+                              "--serial", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["system"], r["adapters"]) for r in rows] == [("quiver", 0), ("quiver-serial", 0),
+                                                            ("quiver", 2), ("quiver-serial", 2)]
+    for quiver, serial in zip(rows[::2], rows[1::2]):
+        assert serial["ms_per_step"] > 0 and serial["vs_overlap"] == serial["ms_per_step"] / quiver["ms_per_step"]

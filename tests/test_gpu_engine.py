@@ -236,6 +236,39 @@ def test_cuda_rank_bound_grows_after_capture(tmp_path):
     assert {k[2] for k in now} == {manager.pool.version}
 
 
+def test_cuda_overlap_gives_the_same_outputs(tmp_path):
+    """Overlapped steps on CUDA (graph replays whose input ids come from the last step's tokens
+    on the device): the same tokens as serial steps, greedy and seeded sampling."""
+    from conftest import run_to_completion
+    from quiver.server.config import EngineConfig, SamplingParams
+    from quiver.server.engine.engine import Engine
+
+    path = tiny_model_dir(tmp_path, "llama", **SHAPE)
+    loaded = load_model(ModelConfig(model=path, quantize="nf4", dtype="bfloat16", device="cuda"))
+    params = [SamplingParams(max_new_tokens=12, ignore_eos=True), SamplingParams(max_new_tokens=1),
+              SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True),
+              SamplingParams(max_new_tokens=14, temperature=1.1, top_k=40, seed=2, ignore_eos=True)]
+    out = {}
+    for overlap in (False, True):
+        engine = Engine(loaded, EngineConfig(max_model_len=256, max_num_seqs=8, overlap=overlap))
+        deferred = []
+        step = engine.step
+
+        def counted():
+            step()
+            deferred.append(engine._launched is not None)
+
+        engine.step = counted
+        handles = [engine.submit(ids, params[j % 4]) for j, ids in enumerate(prompts(8))]
+        run_to_completion(engine)
+        assert engine.runner.graphs.graphs, "no CUDA graph was captured"
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        assert any(deferred) == overlap
+        out[overlap] = [h.result().token_ids for h in handles]
+    assert [len(t) for t in out[False]] == [p.max_new_tokens for p in params] * 2
+    assert out[True] == out[False]
+
+
 def test_arena_range_is_not_reused_while_its_copies_run():
     """A dropped adapter's staged range (adapters/pinned.py) is not handed to the next cold load
     while the slot copies that read it are still queued: the slot gets the first adapter's rows,

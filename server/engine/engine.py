@@ -22,9 +22,9 @@ from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.graphs import DecodeGraphs
 from quiver.server.engine.output import Detokenizer
 from quiver.server.engine.runner import ModelRunner
-from quiver.server.engine.sampler import make_generator, sample
+from quiver.server.engine.sampler import make_generator, sample_tokens
 from quiver.server.engine.scheduler import Scheduler
-from quiver.server.engine.sequence import Sequence
+from quiver.server.engine.sequence import Sequence, placeholder
 from quiver.server.loader import LoadedModel
 from quiver.server.model import KVCache
 
@@ -42,6 +42,31 @@ class Event:
     error_kind: str | None = None  # "unavailable" | "resource_exhausted" | "internal" (set with error)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+class Launched:
+    """One step's sampled tokens on their way to the host: token i goes to
+    seqs[i].output_ids[index[i]], where placeholder(i) holds its place meanwhile."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor):
+        self.seqs = seqs
+        self.index = [len(seq.output_ids) for seq in seqs]
+        for i, seq in enumerate(seqs):
+            seq.output_ids.append(placeholder(i))
+        self.tokens = tokens  # on the device: the next step's placeholders read it
+        self.ready = None
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(torch.cuda.current_stream(tokens.device))
+        else:
+            self.host = tokens
+
+    def values(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 class RequestHandle:
@@ -101,6 +126,9 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._launched: Launched | None = None  # the last step's tokens, not yet on the host
+        overlap = self.cfg.overlap
+        self.overlap = loaded.device.type == "cuda" if overlap is None else overlap
         self.steps = 0
 
     # ---- caller side (any thread) ----
@@ -159,6 +187,7 @@ class Engine:
                     self.step()
             except Exception as exc:  # never let the engine thread die with requests waiting on it
                 log.exception("engine loop failed; failing the requests in flight")
+                self._launched = None
                 for handle in list(self._handles.values()):
                     self._finish(handle, None, error=f"internal error: {exc}")
 
@@ -176,9 +205,14 @@ class Engine:
                 self._finish(handle, "cancelled")
 
     def step(self) -> None:
-        """One forward pass over everything the scheduler picks; run on the engine thread."""
+        """One forward pass over everything the scheduler picks; run on the engine thread.
+        With overlap, the tokens of the step before are taken to the host after this step is
+        launched; without, this step's own tokens are taken before it returns."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            if self._launched is not None:  # running sequences wait for their last tokens
+                self._collect()
+                return
             if self.scheduler.running or not self.scheduler.waiting:
                 return
             # nothing fits even with an empty batch: refuse the head of the queue
@@ -186,12 +220,14 @@ class Engine:
             self._finish(handle, None, error="request does not fit in the KV cache", kind="resource_exhausted")
             return
         self.steps += 1
+        feed = self._launched.tokens if self._launched is not None else None
         try:
-            logits = self.runner.run(scheduled)
+            logits = self.runner.run(scheduled, feed)
         except Exception as exc:  # a failed step fails its requests, never the server
             log.exception("engine step failed")
             for item in scheduled:
                 self._finish(self._handles[item.seq.request_id], None, error=f"internal error: {exc}")
+            self._collect()
             return
         sampling = []
         for item in scheduled:
@@ -199,21 +235,35 @@ class Engine:
             seq.num_computed += item.num_tokens
             if seq.num_computed == seq.num_tokens:
                 sampling.append(seq)
-        tokens = sample(logits, [s.params for s in sampling], [self._gens[s.request_id] for s in sampling])
-        for seq, token in zip(sampling, tokens):
-            self._append(seq, token)
+        tokens = sample_tokens(logits, [s.params for s in sampling], [self._gens[s.request_id] for s in sampling])
+        launched = Launched(sampling, tokens) if sampling else None
+        self._collect()  # the step before's tokens: the device runs this step meanwhile
+        self._launched = launched
+        if not self.overlap:
+            self._collect()
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _collect(self) -> None:
+        """Takes the launched step's tokens to the host and appends them; a sequence that
+        finished meanwhile (stopped one step earlier, cancelled) drops its token."""
+        launched, self._launched = self._launched, None
+        if launched is None:
+            return
+        for seq, k, token in zip(launched.seqs, launched.index, launched.values()):
+            if not seq.finished:
+                seq.output_ids[k] = token
+                self._append(seq, k, token)
+
+    def _append(self, seq: Sequence, k: int, token: int) -> None:
+        """Output token k of seq is known: stream it, or finish seq on a stop condition."""
         handle = self._handles[seq.request_id]
         detok = self._detok[seq.request_id]
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
-        seq.output_ids.append(token)
         is_eos = token in self.eos_ids and not seq.params.ignore_eos
         text = "" if is_eos else detok.push(token)
         if is_eos or detok.stopped:
             reason = "stop"
-        elif len(seq.output_ids) >= seq.params.max_new_tokens:
+        elif k + 1 >= seq.params.max_new_tokens:
             reason = "length"
         else:
             handle.events.put(Event(text=text, token_ids=[token]))
@@ -227,6 +277,8 @@ class Engine:
         if seq.request_id not in self._handles:
             return
         self.scheduler.finish(seq, reason or "error")
+        while seq.output_ids and seq.output_ids[-1] < 0:
+            seq.output_ids.pop()  # a token computed past the stop: dropped
         if self.adapters is not None:
             self.adapters.release(seq)
         del self._handles[seq.request_id], self._detok[seq.request_id], self._gens[seq.request_id]

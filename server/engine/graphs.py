@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from quiver.server.engine.sequence import resolve_placeholders
 from quiver.server.model import KVCache, LlamaForward, StepBatch
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,10 @@ class DecodeGraphs:
             context_lens=self.context_lens[:b], block_size=self.kv.block_size,
         )
 
-    def fill(self, scheduled, blocks, prefix_blocks) -> None:
+    def fill(self, scheduled, blocks, prefix_blocks, feed: torch.Tensor | None = None) -> None:
         """Writes the step into the pinned host mirrors and copies them to the static buffers
-        (two host->device copies); rows past the batch are padding rows."""
+        (two host->device copies); rows past the batch are padding rows. Placeholder ids are
+        then resolved from feed (the last step's tokens) on the device."""
         n, N, mb = len(scheduled), self.input_ids.shape[0], self.max_blocks
         if self.copied is not None:
             self.copied.synchronize()  # the mirrors are free again (normally long done)
@@ -97,11 +99,14 @@ class DecodeGraphs:
             tables[i, : len(table)] = table
         h64 = self.host64.numpy()
         h64[:n], h64[N: N + n], h64[2 * N: 2 * N + n] = ids, pos, slots
+        h64[n:N] = 0  # padding rows embed token 0 (never a stale placeholder)
         h64[2 * N + n:] = self.scratch_slot
         rest = self.host32[N * mb:].numpy()
         rest[:n], rest[n:N], rest[N: N + n], rest[N + n:] = ctx, 0, slot_ids, -1
         self.dev64.copy_(self.host64, non_blocking=True)
         self.dev32.copy_(self.host32, non_blocking=True)
+        if ids and min(ids) < 0:
+            self.input_ids[:n] = resolve_placeholders(self.input_ids[:n], feed)
         if self.device.type == "cuda":
             self.copied = torch.cuda.Event()
             self.copied.record(torch.cuda.current_stream(self.device))
@@ -133,10 +138,11 @@ class DecodeGraphs:
             self.enabled = False
             return False
 
-    def run(self, scheduled, blocks, adapter_batch_factory, prefix_blocks, pool_version: int) -> torch.Tensor:
+    def run(self, scheduled, blocks, adapter_batch_factory, prefix_blocks, pool_version: int,
+            feed: torch.Tensor | None = None) -> torch.Tensor:
         n = len(scheduled)
         bucket = next(b for b in self.buckets if b >= n)
-        self.fill(scheduled, blocks, prefix_blocks)
+        self.fill(scheduled, blocks, prefix_blocks, feed)
         use_adapters = any(item.seq.slot is not None for item in scheduled)
         key = (bucket, use_adapters, pool_version if use_adapters else 0)
         if key not in self.graphs:

@@ -11,6 +11,7 @@ import torch
 
 from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.scheduler import Scheduled
+from quiver.server.engine.sequence import resolve_placeholders
 from quiver.server.model import KVCache, LlamaForward, StepBatch
 
 
@@ -24,8 +25,10 @@ class ModelRunner:
         self.graphs = graphs  # DecodeGraphs on CUDA, or None
         self.adapters = adapters  # AdapterManager, or None
 
-    def build(self, scheduled: list[Scheduled], adapters=None, prefix_slots: list[list[int]] | None = None) -> StepBatch:
-        """prefix_slots[i]: KV slots of sequence i's shared prefix (prefix tuning), or []."""
+    def build(self, scheduled: list[Scheduled], adapters=None, prefix_slots: list[list[int]] | None = None,
+              feed: torch.Tensor | None = None) -> StepBatch:
+        """prefix_slots[i]: KV slots of sequence i's shared prefix (prefix tuning), or [];
+        feed: the last step's sampled tokens on the device, which placeholder ids name."""
         ids, pos, slots, samples = [], [], [], []
         q_rows, kv_rows, q_lens, ctx_lens = [], [], [], []
         for i, item in enumerate(scheduled):
@@ -61,8 +64,11 @@ class ModelRunner:
             mask[b, 0, :n] = torch.arange(l_max)[None, :] < limit[:, None]
             mask[b, 0, n:, 0] = True  # padding rows attend to one key so softmax stays finite
         dev = self.device
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        if min(ids) < 0:
+            input_ids = resolve_placeholders(input_ids, feed)
         return StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            input_ids=input_ids,
             positions=torch.tensor(pos, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             q_gather=q_gather.to(dev), out_scatter=out_scatter.to(dev), kv_gather=kv_gather.to(dev),
@@ -70,16 +76,17 @@ class ModelRunner:
             adapters=adapters,
         )
 
-    def run(self, scheduled: list[Scheduled]) -> torch.Tensor:
+    def run(self, scheduled: list[Scheduled], feed: torch.Tensor | None = None) -> torch.Tensor:
         """A decode step that a CUDA graph can take replays it (the graph reads the adapters'
-        slots from its own static buffer); any other step builds its StepBatch and AdapterBatch."""
+        slots from its own static buffer); any other step builds its StepBatch and AdapterBatch.
+        feed: the last step's sampled tokens on the device (placeholder ids name its rows)."""
         if self.graphs is not None and self.graphs.eligible(scheduled, self.blocks.block_size):
             m = self.adapters
             return self.graphs.run(
                 scheduled, self.blocks,
                 adapter_batch_factory=m.graph_batch if m is not None else None,
                 prefix_blocks=m.prefix_block_list if m is not None else (lambda seq: []),
-                pool_version=m.pool.version if m is not None else 0,
+                pool_version=m.pool.version if m is not None else 0, feed=feed,
             )
         adapters, prefix_slots = self.adapters.prepare(scheduled) if self.adapters is not None else (None, None)
-        return self.model(self.build(scheduled, adapters, prefix_slots), self.kv)
+        return self.model(self.build(scheduled, adapters, prefix_slots, feed), self.kv)

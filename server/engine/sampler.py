@@ -49,8 +49,8 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[
     every row's kept tokens are among its top CANDIDATES; all rows in one pass."""
     dev = logits.device
     N, V = logits.shape
-    knobs = torch.tensor([[p.temperature, p.top_k if 0 < p.top_k < V else V, p.top_p if p.top_p < 1.0 else 2.0]
-                          for p in params], dtype=torch.float32).to(dev)  # 2.0: top_p off
+    knobs = to_device([[p.temperature, p.top_k if 0 < p.top_k < V else V, p.top_p if p.top_p < 1.0 else 2.0]
+                       for p in params], torch.float32, dev)  # 2.0: top_p off
     x = logits.float() / knobs[:, 0:1]
     if dev.type == "cpu" and V > CANDIDATES:
         out = _candidate_probs(x, knobs)
@@ -87,16 +87,30 @@ def _candidate_probs(x: torch.Tensor, knobs: torch.Tensor) -> tuple[torch.Tensor
     return torch.softmax(xk.masked_fill(drop, float("-inf")), dim=-1), order
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """logits [N, V]; one params and generator per row -> N token ids (one host sync)."""
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on `device`; to CUDA through pinned memory with a
+    non-blocking copy, so the host never waits for the work queued ahead of it."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator]) -> torch.Tensor:
+    """logits [N, V]; one params and generator per row -> N token ids on the logits' device,
+    without waiting for the device (the uniforms are drawn on the host, in row order)."""
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        u = torch.tensor([float(torch.rand(1, generator=generators[i])) for i in rows]).to(logits.device)
-        idx = torch.tensor(rows, device=logits.device)
+        u = to_device([float(torch.rand(1, generator=generators[i])) for i in rows], torch.float32, logits.device)
+        idx = to_device(rows, torch.long, logits.device)
         probs, order = filtered_probs(logits[idx], [params[i] for i in rows])
         cdf = probs.cumsum(-1)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[1] - 1)
         tokens = tokens.clone()
         tokens[idx] = order.gather(1, pick)[:, 0]
-    return tokens.tolist()
+    return tokens
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """sample_tokens on the host (one sync)."""
+    return sample_tokens(logits, params, generators).tolist()

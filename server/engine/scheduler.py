@@ -60,8 +60,8 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         out: list[Scheduled] = []
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not Status.RUNNING or seq.output_full:
+                continue  # preempted earlier in this loop, or its last token is on its way
             n = min(seq.num_uncomputed, budget)
             if n == 0:
                 continue

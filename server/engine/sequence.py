@@ -3,6 +3,10 @@
 `num_computed` counts tokens whose keys/values are in the KV cache. A step schedules the
 next `n` uncomputed tokens (a prefill chunk, or 1 for a decode); when all known tokens are
 computed, the step samples the next token from the last one's logits.
+
+With overlapped steps (engine.py) a sampled token reaches the host one step late: until
+then its output id is a placeholder, `placeholder(r)` < 0, naming row r of the last step's
+sampled tokens on the device; `resolve_placeholders` swaps those rows in on the device.
 """
 
 from __future__ import annotations
@@ -13,9 +17,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from quiver.server.config import SamplingParams
 
 _ids = itertools.count()
+
+
+def placeholder(row: int) -> int:
+    """The output id of a token still on the device: row `row` of the last step's tokens."""
+    return -1 - row
+
+
+def resolve_placeholders(ids: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
+    """ids [T] with every placeholder replaced by its row of feed (both on one device; no sync)."""
+    return torch.where(ids < 0, feed[(-1 - ids).clamp(min=0)], ids)
 
 
 class Status(enum.Enum):
@@ -60,6 +76,11 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
+
+    @property
+    def output_full(self) -> bool:
+        """Every token it may generate is sampled (the last may still be on its way)."""
+        return len(self.output_ids) >= self.params.max_new_tokens
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,113 @@
+"""Overlapped steps (engine.py): a step is launched before the last step's tokens reach the
+host. On the CPU the overlap is forced on; every request must get exactly what it gets
+without overlap: tokens, text, finish reason and token counts, with stop strings, EOS,
+length limits, seeded sampling, cancels and preemption in one run."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_to_completion
+from quiver.server.config import EngineConfig, SamplingParams
+from quiver.server.engine.engine import Engine
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three primary colors:", "Water boils at",
+           "Once upon a time, in a land far away, there lived a dragon who", "1, 2, 3, 4,"]
+
+
+def _params(stop: str) -> list[SamplingParams]:
+    return [
+        SamplingParams(max_new_tokens=10),
+        SamplingParams(max_new_tokens=12, stop=[stop]),  # stops partway
+        SamplingParams(max_new_tokens=1),
+        SamplingParams(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=7),
+        SamplingParams(max_new_tokens=11, temperature=1.2, top_k=20, seed=3),
+        SamplingParams(max_new_tokens=8, ignore_eos=True),
+    ]
+
+
+def _run(loaded, overlap: bool, params, cancel_after: int | None = None, **kw):
+    """Submits the prompts two per step into an engine that is stepped by hand; request 4 is
+    cancelled after `cancel_after` steps. Returns the engine and each request's result."""
+    engine = Engine(loaded, EngineConfig(overlap=overlap, **kw))
+    preempt, engine.preempted = engine.scheduler.preempt, 0
+
+    def counted(seq):
+        engine.preempted += 1
+        preempt(seq)
+
+    engine.scheduler.preempt = counted
+    tok = loaded.tokenizer
+    todo = [(tok(p)["input_ids"], sp) for p, sp in zip(PROMPTS, params)]
+    handles, steps, deferred = [], 0, 0
+    while todo or engine.scheduler.has_work() or engine._inbox:
+        for ids, sp in todo[:2]:
+            handles.append(engine.submit(ids, sp))
+        todo = todo[2:]
+        if cancel_after is not None and steps == cancel_after:
+            handles[4].cancel()
+        inbox, engine._inbox = engine._inbox, []
+        engine._take(inbox)
+        if engine.scheduler.has_work():
+            engine.step()
+            steps += 1
+            deferred += engine._launched is not None
+    run_to_completion(engine)
+    assert engine._launched is None
+    assert engine.blocks.num_free == engine.blocks.num_blocks, "KV blocks leaked"
+    return engine, deferred, [h.result() for h in handles]
+
+
+def _stop_string(loaded) -> str:
+    """A piece of request 1's greedy text, so its stop string is hit partway."""
+    _, _, results = _run(loaded, False, [SamplingParams(max_new_tokens=12)] * len(PROMPTS), max_model_len=128)
+    text = results[1].text
+    assert len(text) > 12, text
+    return text[len(text) // 2: len(text) // 2 + 3]
+
+
+@pytest.mark.parametrize("case", ["plain", "cancel", "preempt"])
+def test_overlap_gives_the_same_outputs(fp32_model, case):
+    params = _params(_stop_string(fp32_model))
+    kw = dict(max_model_len=128)
+    if case == "preempt":  # a KV cache too small for all sequences: preemption and recompute
+        kw = dict(max_model_len=64, block_size=4, num_blocks=12, max_num_batched_tokens=64)
+    cancel_after = 6 if case == "cancel" else None
+    _, _, serial = _run(fp32_model, False, params, cancel_after, **kw)
+    engine, deferred, overlapped = _run(fp32_model, True, params, cancel_after, **kw)
+    assert deferred > 5, "the overlapped engine never left a step's tokens on the device"
+    for i, (a, b) in enumerate(zip(serial, overlapped)):
+        assert b.completion_tokens == len(b.token_ids) and b.prompt_tokens == a.prompt_tokens, i
+        if a.finish_reason == "cancelled":  # a cancel lands while one more token is on its way
+            assert b.finish_reason == "cancelled" and 0 <= len(a.token_ids) - len(b.token_ids) <= 1, i
+            assert a.token_ids[:len(b.token_ids)] == b.token_ids and a.text.startswith(b.text), i
+            continue
+        assert (a.token_ids, a.text, a.finish_reason, a.error) == (b.token_ids, b.text, b.finish_reason, b.error), i
+        assert a.completion_tokens == b.completion_tokens, i
+    assert serial[1].finish_reason == "stop" and len(serial[1].token_ids) < 12
+    assert len(serial[2].token_ids) == 1
+    if case == "cancel":
+        assert serial[4].finish_reason == "cancelled"
+    if case == "preempt":
+        assert engine.preempted > 0, "the small KV cache should have forced preemption"
+
+
+def test_overlap_defers_the_tokens_one_step(fp32_model):
+    """After a decode step the sampled tokens are placeholders; the next step's input ids are
+    filled from them on the device, and the step after that makes them real on the host."""
+    engine = Engine(fp32_model, EngineConfig(max_model_len=64, overlap=True))
+    handle = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4))
+    inbox, engine._inbox = engine._inbox, []
+    engine._take(inbox)
+    seq = handle.seq
+    engine.step()  # prefill: the first token stays on the device
+    assert seq.output_ids == [-1] and engine._launched is not None
+    engine.step()  # decode over the placeholder; the first token reaches the host
+    first = seq.output_ids[0]
+    assert first >= 0 and seq.output_ids[1] == -1
+    run_to_completion(engine)
+    serial = Engine(fp32_model, EngineConfig(max_model_len=64, overlap=False))
+    expected = serial.submit([5, 6, 7], SamplingParams(max_new_tokens=4))
+    run_to_completion(serial)
+    want = expected.result()
+    assert handle.result().token_ids == want.token_ids and want.token_ids[0] == first
