@@ -101,8 +101,8 @@ def capture_logits(engine) -> dict[int, list[torch.Tensor]]:
     rows: dict[int, list[torch.Tensor]] = {}
     run = engine.runner.run
 
-    def wrapped(scheduled):
-        logits = run(scheduled)
+    def wrapped(scheduled, feed=None):
+        logits = run(scheduled, feed)
         i = 0
         for item in scheduled:
             seq = item.seq
