@@ -46,8 +46,21 @@ class NullTokenizer:
         return ""
 
 
+def word_tokenizer(vocab_size: int):
+    """A tokenizer needing no files: whitespace words w3 .. w{V-1}; <unk>=0, <s>=1, </s>=2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 def random_llama(layers: int, quantize: str, dtype: torch.dtype, device: torch.device,
-                 keep_hf: bool = False) -> LoadedModel:
+                 keep_hf: bool = False, tokenizer=None) -> LoadedModel:
+    """A Llama-2-7B-shaped model (`layers` deep) with random weights, built on the device;
+    tokenizer None = NullTokenizer (token ids only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": layers}, eos_token_id=2)
@@ -61,7 +74,7 @@ def random_llama(layers: int, quantize: str, dtype: torch.dtype, device: torch.d
             if hasattr(m, "inv_freq"):
                 m.inv_freq.copy_(1.0 / (cfg.rope_parameters["rope_theta"] ** (
                     torch.arange(0, 128, 2, dtype=torch.float, device=device) / 128)))
-    return wrap_hf_model(hf, NullTokenizer(), ModelConfig(quantize=quantize, dtype=str(dtype).removeprefix("torch."),
+    return wrap_hf_model(hf, tokenizer or NullTokenizer(), ModelConfig(quantize=quantize, dtype=str(dtype).removeprefix("torch."),
                                                           device=str(device)),
                          f"random-llama2-7b-{layers}L", device, dtype, keep_hf=keep_hf)
 

@@ -65,17 +65,6 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def word_tokenizer(vocab_size: int):
-    """A tokenizer needing no files: whitespace words w0 .. w{V-1}; <s>=1, </s>=2."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
 def tiny_model_dir(tmp_path, kind: str, tokenizer=None, **overrides) -> str:
     """Writes a small random Llama/Qwen2/Mistral with safetensors (and a tokenizer) to tmp_path/kind."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
@@ -83,6 +72,8 @@ def tiny_model_dir(tmp_path, kind: str, tokenizer=None, **overrides) -> str:
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                "mistral": (MistralConfig, MistralForCausalLM)}
+    from quiver.loadtest.bench_engine import word_tokenizer
+
     cfg_cls, model_cls = classes[kind]
     torch.manual_seed(0)
     cfg = {**TINY, **overrides}

@@ -51,3 +51,21 @@ def test_serial_rows_time_the_engine_without_overlap(tmp_path):
                                                             ("quiver", 2), ("quiver-serial", 2)]
     for quiver, serial in zip(rows[::2], rows[1::2]):
         assert serial["ms_per_step"] > 0 and serial["vs_overlap"] == serial["ms_per_step"] / quiver["ms_per_step"]
+
+
+def test_serving_benchmark_runs_the_load_generator_per_setting(tmp_path):
+    """bench_serve: one server per overlap setting over the same model, the load generator in
+    its own process against each; every request completes and the table has both rows."""
+    import json
+
+    from quiver.loadtest import bench_serve
+
+    out = tmp_path / "serve.json"
+    assert bench_serve.main(["--quantize", "none", "--duration", "2", "--concurrency", "2", "--input-len", "fixed:8",
+                             "--output-len", "fixed:4", "--out", str(out)]) == 0
+    reports = json.loads(out.read_text())["reports"]
+    assert [r["overlap"] for r in reports] == ["on", "off"]
+    for r in reports:
+        assert r["requests"]["completed"] == r["requests"]["sent"] > 0 and r["requests"]["failed"] == 0
+        assert r["output_tok_per_s"] > 0 and r["engine_steps"] > 0
+        assert 0 < r["tokens"]["completion_mean"] <= 4

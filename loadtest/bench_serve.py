@@ -1,0 +1,117 @@
+"""End-to-end serving benchmark: a Quiver gRPC server driven by the load generator, with
+overlapped steps on and off, in one run.
+
+    python -m quiver.loadtest.bench_serve                          # CPU: embedded model
+    python -m quiver.loadtest.bench_serve --model llama2-7b --layers 32 --quantize nf4 \
+        --duration 30 --concurrency 32 --input-len fixed:128 --output-len fixed:128 --out serve.json
+
+The model is loaded once (`--model llama2-7b`: a Llama-2-7B-shaped model with random weights
+built on the device and a word-level tokenizer, so no weights are needed). For each setting of
+`--overlap` (default `on,off`) a server is started on a free local port over that model and
+`python -m quiver.loadtest` runs against it in its own process (the client does not share the
+server's interpreter), closed loop at `--concurrency` by default. Reported per setting: the
+load generator's req/s, output tok/s, TTFT and TPOT percentiles, and output tok/s as a ratio
+against the first setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from quiver.loadtest.bench_engine import random_llama, word_tokenizer
+from quiver.server.config import EngineConfig, ModelConfig, ServerConfig
+from quiver.server.loader import load_model
+
+OVERLAP = {"on": True, "off": False, "auto": None}
+
+
+def serve_and_load(loaded, overlap: str, args) -> dict:
+    """Starts a server over `loaded`, runs the load generator against it, stops the server;
+    returns the load generator's JSON report with the setting added."""
+    from quiver.server.app import Server
+
+    cfg = EngineConfig(max_num_seqs=args.concurrency, max_model_len=args.max_model_len,
+                       max_num_batched_tokens=max(512, args.concurrency), overlap=OVERLAP[overlap])
+    server = Server(ServerConfig(port=0), ModelConfig(), cfg, loaded=loaded)
+    port = server.start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "report.json")
+            cmd = [sys.executable, "-m", "quiver.loadtest", "--target", f"127.0.0.1:{port}",
+                   "--duration", str(args.duration), "--arrival", args.arrival, "--rate", str(args.rate),
+                   "--concurrency", str(args.concurrency), "--input-len", args.input_len,
+                   "--output-len", args.output_len, "--no-progress", "--out", out]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 300)
+            if done.returncode != 0:
+                raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+            with open(out) as f:
+                report = json.load(f)
+        report["overlap"] = overlap
+        report["engine_steps"] = server.engine.steps
+        return report
+    finally:
+        server.stop(0)
+        if loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def table(reports: list[dict]) -> str:
+    lines = ["| overlap | req/s | output tok/s | vs first | TTFT p50 / p99 ms | TPOT p50 / p99 ms | completed |",
+             "|---|---|---|---|---|---|---|"]
+    first = reports[0]["output_tok_per_s"]
+    for r in reports:
+        ttft, tpot = r["ttft_ms"], r["tpot_ms"]
+        lines.append(f"| {r['overlap']} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:.0f} | "
+                     f"{r['output_tok_per_s'] / first:.3f}x | {ttft['p50']:.1f} / {ttft['p99']:.1f} | "
+                     f"{tpot['p50']:.2f} / {tpot['p99']:.2f} | {r['requests']['completed']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="embedded", help="embedded | llama2-7b | a local model path")
+    ap.add_argument("--layers", type=int, default=32, help="depth of the llama2-7b shape")
+    ap.add_argument("--quantize", default="nf4", choices=("nf4", "int8", "none"))
+    ap.add_argument("--overlap", default="on,off", help="comma list of on, off, auto: one server run each")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per setting")
+    ap.add_argument("--arrival", default="closed", help="arrival process of the load generator (default closed)")
+    ap.add_argument("--rate", type=float, default=2.0, help="open loop: requests per second")
+    ap.add_argument("--concurrency", type=int, default=32, help="requests in flight (and the server's max_num_seqs)")
+    ap.add_argument("--input-len", default="fixed:128")
+    ap.add_argument("--output-len", default="fixed:128")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args(argv)
+    settings = args.overlap.split(",")
+    if not settings or any(s not in OVERLAP for s in settings):
+        ap.error(f"--overlap takes a comma list of {', '.join(OVERLAP)}")
+    if args.model == "llama2-7b":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        loaded = random_llama(args.layers, args.quantize, dtype, device, tokenizer=word_tokenizer(32000))
+    else:
+        loaded = load_model(ModelConfig(model=None if args.model == "embedded" else args.model,
+                                        quantize=args.quantize))
+    reports = []
+    for overlap in settings:
+        reports.append(serve_and_load(loaded, overlap, args))
+        print(json.dumps({k: reports[-1][k] for k in ("overlap", "req_per_s", "output_tok_per_s", "ttft_ms",
+                                                      "tpot_ms", "requests", "engine_steps")}), flush=True)
+    print(table(reports))
+    if args.out:
+        info = {"device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu",
+                "model": loaded.name, "quantize": args.quantize, "args": vars(args), "reports": reports}
+        with open(args.out, "w") as f:
+            json.dump(info, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
