@@ -28,7 +28,7 @@ from quiver.adapters.batch import AdapterBatch
 from quiver.adapters.files import CONFIG_NAME, AdapterError, summarize_adapter_dir
 from quiver.adapters.methods import load_adapter
 from quiver.adapters.mix import compose, mix_id
-from quiver.adapters.pinned import PinnedArena
+from quiver.adapters.pinned import PinnedArena, to_device
 from quiver.adapters.pool import SlotPool
 from quiver.adapters.staging import stage
 from quiver.adapters.weights import AdapterInfo, AdapterWeights
@@ -243,6 +243,6 @@ class AdapterManager:
         device = self.pool.device
         rows = None
         if prompt_idx:
-            rows = (torch.tensor(prompt_idx, device=device), torch.stack(prompt_rows).to(device))
-        batch = AdapterBatch(self.pool, torch.tensor(slots, dtype=torch.int32, device=device), rows)
+            rows = (to_device(prompt_idx, device, torch.long), to_device(torch.stack(prompt_rows), device))
+        batch = AdapterBatch(self.pool, to_device(slots, device, torch.int32), rows)
         return batch, [self.prefix_slots(item.seq) for item in scheduled]

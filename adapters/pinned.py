@@ -13,6 +13,12 @@ Here a buffer is a first-fit range of the slab:
 
 The fence is a CUDA event recorded on the stream of the copies (the slot pool records it after
 its writes), so a range is never overwritten while a transfer still reads it.
+
+`to_device(x, device, dtype=None)` is the small-copy counterpart for per-step index tensors:
+a list or CPU tensor goes to CUDA through page-locked memory with a non-blocking copy (a copy
+from pageable memory first waits for the stream, which with the engine's overlapped steps is
+still running the step before); torch's caching host allocator reuses that buffer only after
+the copy has run.
 """
 
 from __future__ import annotations
@@ -21,6 +27,15 @@ import threading
 import weakref
 
 import torch
+
+def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
 
 ALIGN = 256  # bytes: each range starts on a multiple (any dtype view is aligned)
 

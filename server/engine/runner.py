@@ -12,6 +12,7 @@ import torch
 from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.scheduler import Scheduled
 from quiver.server.engine.sequence import resolve_placeholders
+from quiver.adapters.pinned import to_device
 from quiver.server.model import KVCache, LlamaForward, StepBatch
 
 
@@ -64,15 +65,14 @@ class ModelRunner:
             mask[b, 0, :n] = torch.arange(l_max)[None, :] < limit[:, None]
             mask[b, 0, n:, 0] = True  # padding rows attend to one key so softmax stays finite
         dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        input_ids = to_device(ids, dev, torch.long)
         if min(ids) < 0:
             input_ids = resolve_placeholders(input_ids, feed)
         return StepBatch(
-            input_ids=input_ids,
-            positions=torch.tensor(pos, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            q_gather=q_gather.to(dev), out_scatter=out_scatter.to(dev), kv_gather=kv_gather.to(dev),
-            attn_mask=mask.to(dev), sample_index=torch.tensor(samples, dtype=torch.long, device=dev),
+            input_ids=input_ids, positions=to_device(pos, dev, torch.long),
+            slot_mapping=to_device(slots, dev, torch.long), q_gather=to_device(q_gather, dev),
+            out_scatter=to_device(out_scatter, dev), kv_gather=to_device(kv_gather, dev),
+            attn_mask=to_device(mask, dev), sample_index=to_device(samples, dev, torch.long),
             adapters=adapters,
         )
 

@@ -17,6 +17,7 @@ import random
 import torch
 
 from quiver.server.config import SamplingParams
+from quiver.adapters.pinned import to_device
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -50,7 +51,7 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[
     dev = logits.device
     N, V = logits.shape
     knobs = to_device([[p.temperature, p.top_k if 0 < p.top_k < V else V, p.top_p if p.top_p < 1.0 else 2.0]
-                       for p in params], torch.float32, dev)  # 2.0: top_p off
+                       for p in params], dev, torch.float32)  # 2.0: top_p off
     x = logits.float() / knobs[:, 0:1]
     if dev.type == "cpu" and V > CANDIDATES:
         out = _candidate_probs(x, knobs)
@@ -87,13 +88,6 @@ def _candidate_probs(x: torch.Tensor, knobs: torch.Tensor) -> tuple[torch.Tensor
     return torch.softmax(xk.masked_fill(drop, float("-inf")), dim=-1), order
 
 
-def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on `device`; to CUDA through pinned memory with a
-    non-blocking copy, so the host never waits for the work queued ahead of it."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
                   generators: list[torch.Generator]) -> torch.Tensor:
     """logits [N, V]; one params and generator per row -> N token ids on the logits' device,
@@ -101,8 +95,8 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        u = to_device([float(torch.rand(1, generator=generators[i])) for i in rows], torch.float32, logits.device)
-        idx = to_device(rows, torch.long, logits.device)
+        u = to_device([float(torch.rand(1, generator=generators[i])) for i in rows], logits.device, torch.float32)
+        idx = to_device(rows, logits.device, torch.long)
         probs, order = filtered_probs(logits[idx], [params[i] for i in rows])
         cdf = probs.cumsum(-1)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[1] - 1)
