@@ -9,7 +9,9 @@ The model is loaded once (`--model llama2-7b`: a Llama-2-7B-shaped model with ra
 built on the device and a word-level tokenizer, so no weights are needed). For each setting of
 `--overlap` (default `on,off`) a server is started on a free local port over that model and
 `python -m quiver.loadtest` runs against it in its own process (the client does not share the
-server's interpreter), closed loop at `--concurrency` by default. Reported per setting: the
+server's interpreter), closed loop at `--concurrency` by default, first for `--warmup` seconds
+unmeasured (the first steps of each new shape compile Triton kernels; a cold server's first
+seconds measure compilation, not serving), then for `--duration`. Reported per setting: the
 load generator's req/s, output tok/s, TTFT and TPOT percentiles, and output tok/s as a ratio
 against the first setting.
 """
@@ -42,24 +44,32 @@ def serve_and_load(loaded, overlap: str, args) -> dict:
     server = Server(ServerConfig(port=0), ModelConfig(), cfg, loaded=loaded)
     port = server.start()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "report.json")
-            cmd = [sys.executable, "-m", "quiver.loadtest", "--target", f"127.0.0.1:{port}",
-                   "--duration", str(args.duration), "--arrival", args.arrival, "--rate", str(args.rate),
-                   "--concurrency", str(args.concurrency), "--input-len", args.input_len,
-                   "--output-len", args.output_len, "--no-progress", "--out", out]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 300)
-            if done.returncode != 0:
-                raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-            with open(out) as f:
-                report = json.load(f)
+        if args.warmup > 0:
+            load(port, args, args.warmup)
+        before = server.engine.steps
+        report = load(port, args, args.duration)
         report["overlap"] = overlap
-        report["engine_steps"] = server.engine.steps
+        report["engine_steps"] = server.engine.steps - before  # of the measured load
         return report
     finally:
         server.stop(0)
         if loaded.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def load(port: int, args, duration: float) -> dict:
+    """Runs the load generator against the server on `port`; returns its JSON report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        cmd = [sys.executable, "-m", "quiver.loadtest", "--target", f"127.0.0.1:{port}",
+               "--duration", str(duration), "--arrival", args.arrival, "--rate", str(args.rate),
+               "--concurrency", str(args.concurrency), "--input-len", args.input_len,
+               "--output-len", args.output_len, "--no-progress", "--out", out]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 300)
+        if done.returncode != 0:
+            raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        with open(out) as f:
+            return json.load(f)
 
 
 def table(reports: list[dict]) -> str:
@@ -80,7 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="depth of the llama2-7b shape")
     ap.add_argument("--quantize", default="nf4", choices=("nf4", "int8", "none"))
     ap.add_argument("--overlap", default="on,off", help="comma list of on, off, auto: one server run each")
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per setting")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of measured load per setting")
+    ap.add_argument("--warmup", type=float, default=5.0, help="seconds of unmeasured load first, per setting")
     ap.add_argument("--arrival", default="closed", help="arrival process of the load generator (default closed)")
     ap.add_argument("--rate", type=float, default=2.0, help="open loop: requests per second")
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight (and the server's max_num_seqs)")

@@ -62,7 +62,7 @@ def test_serving_benchmark_runs_the_load_generator_per_setting(tmp_path):
 
     out = tmp_path / "serve.json"
     assert bench_serve.main(["--quantize", "none", "--duration", "2", "--concurrency", "2", "--input-len", "fixed:8",
-                             "--output-len", "fixed:4", "--out", str(out)]) == 0
+                             "--output-len", "fixed:4", "--warmup", "1", "--out", str(out)]) == 0
     reports = json.loads(out.read_text())["reports"]
     assert [r["overlap"] for r in reports] == ["on", "off"]
     for r in reports:

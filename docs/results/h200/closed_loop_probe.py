@@ -1,0 +1,74 @@
+"""Engine-level closed loop (no gRPC) on the device: `--concurrency` requests of `--prompt`
+random tokens and `--new` new tokens, a new one submitted as each finishes; per-step wall time
+by kind (graph replay vs eager step with a prefill), overlapped steps on and off.
+
+    python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600
+"""
+import argparse
+import collections
+import json
+import time
+
+import torch
+
+from quiver.loadtest.bench_engine import random_llama
+from quiver.server.config import EngineConfig, SamplingParams
+from quiver.server.engine.engine import Engine
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--layers", type=int, default=32)
+ap.add_argument("--steps", type=int, default=600)
+ap.add_argument("--concurrency", type=int, default=32)
+ap.add_argument("--prompt", type=int, default=128)
+ap.add_argument("--new", type=int, default=128)
+args = ap.parse_args()
+loaded = random_llama(args.layers, "nf4", torch.bfloat16, torch.device("cuda"))
+out = {}
+for overlap in (True, False, True):
+    e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap))
+    e.runner.graphs.capture_all()
+    g = torch.Generator().manual_seed(0)
+    live = []
+
+    def new():
+        live.append(e.submit(torch.randint(3, 32000, (args.prompt,), generator=g).tolist(),
+                             SamplingParams(max_new_tokens=args.new, ignore_eos=True)))
+
+    for _ in range(args.concurrency):
+        new()
+    times = collections.defaultdict(list)
+    finished = 0
+    torch.cuda.synchronize()
+    t_all = time.perf_counter()
+    for i in range(args.steps):
+        inbox, e._inbox = e._inbox, []
+        e._take(inbox)
+        sched = e.scheduler.schedule
+        kinds = []
+
+        def spy():
+            s = sched()
+            kinds.append("empty" if not s else "graph" if e.runner.graphs.eligible(s, 16) else "eager")
+            return s
+
+        e.scheduler.schedule = spy
+        t0 = time.perf_counter()
+        e.step()
+        dt = time.perf_counter() - t0
+        e.scheduler.schedule = sched
+        times[kinds[0]].append(dt * 1e3)
+        for h in list(live):
+            while not h.events.empty():
+                if h.events.get().finish_reason:
+                    live.remove(h)
+                    finished += 1
+                    new()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t_all
+    row = {k: {"n": len(v), "mean_ms": sum(v) / len(v), "max_ms": max(v)} for k, v in times.items()}
+    row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3)
+    key = f"overlap={overlap}" + ("#2" if f"overlap={overlap}" in out else "")
+    out[key] = row
+    print(key, json.dumps(row), flush=True)
+    del e
+    torch.cuda.empty_cache()
