@@ -111,3 +111,34 @@ def test_overlap_defers_the_tokens_one_step(fp32_model):
     run_to_completion(serial)
     want = expected.result()
     assert handle.result().token_ids == want.token_ids and want.token_ids[0] == first
+
+
+def test_a_prefill_step_takes_the_tokens_before_it_is_launched(fp32_model):
+    """A step with a prefill chunk takes the last step's tokens first: a sequence that they
+    stop leaves that step unscheduled (no token computed past its stop), and its output is the
+    serial engine's."""
+    tok = fp32_model.tokenizer
+    prompt = tok("The capital of France is")["input_ids"]
+    serial = Engine(fp32_model, EngineConfig(max_model_len=64, overlap=False))
+    ref = serial.submit(prompt, SamplingParams(max_new_tokens=8))
+    run_to_completion(serial)
+    first = ref.result().token_ids
+    stop = tok.decode(first[:4])
+    assert stop.strip() and len(first) == 8
+
+    def run(overlap: bool):
+        engine = Engine(fp32_model, EngineConfig(max_model_len=64, overlap=overlap))
+        a = engine.submit(prompt, SamplingParams(max_new_tokens=8, stop=[stop]))
+        for _ in range(4):  # prefill + 3 decodes: the 4th token is sampled, and with overlap still on its way
+            inbox, engine._inbox = engine._inbox, []
+            engine._take(inbox)
+            engine.step()
+        b = engine.submit([5, 6, 7, 8], SamplingParams(max_new_tokens=2))  # the next step has a prefill chunk
+        run_to_completion(engine)
+        return a, b
+
+    (a_serial, b_serial), (a_overlap, b_overlap) = run(False), run(True)
+    got, want = a_overlap.result(), a_serial.result()
+    assert got.token_ids == want.token_ids == first[:4] and got.finish_reason == want.finish_reason == "stop"
+    assert a_overlap.seq.num_computed == a_serial.seq.num_computed, "a token was computed past the stop"
+    assert b_overlap.result().token_ids == b_serial.result().token_ids

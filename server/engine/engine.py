@@ -219,6 +219,14 @@ class Engine:
             handle = self._handles[self.scheduler.waiting[0].request_id]
             self._finish(handle, None, error="request does not fit in the KV cache", kind="resource_exhausted")
             return
+        if self._launched is not None and any(item.num_tokens > 1 for item in scheduled):
+            # a prefill chunk: the step is launched op by op (no graph) and the host is the
+            # bound, so there is little to overlap; take the tokens first, so that they (often
+            # a first token) are not held back behind this long launch
+            self._collect()
+            scheduled = [item for item in scheduled if not item.seq.finished]
+            if not scheduled:
+                return
         self.steps += 1
         feed = self._launched.tokens if self._launched is not None else None
         try:
