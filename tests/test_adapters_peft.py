@@ -66,11 +66,11 @@ def suite(fp32_model, tmp_path_factory):
     return root, ids, expected
 
 
-def make_engine(fp32_model, root, **kw):
+def make_engine(fp32_model, root, overlap=None, **kw):
     manager = AdapterManager(AdapterConfig(str(root), **kw), BaseSpec.from_model(fp32_model.model), fp32_model.name,
                              fp32_model.dtype, fp32_model.device)
-    engine = Engine(fp32_model, EngineConfig(max_model_len=256, max_num_batched_tokens=512, max_num_seqs=32),
-                    adapters=manager)
+    engine = Engine(fp32_model, EngineConfig(max_model_len=256, max_num_batched_tokens=512, max_num_seqs=32,
+                                             overlap=overlap), adapters=manager)
     return engine, manager
 
 
@@ -87,11 +87,12 @@ def fused_fp32_model():
     return loaded
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused_projections"])
-def test_all_methods_in_one_mixed_batch(fp32_model, fused_fp32_model, suite, fused):
+@pytest.mark.parametrize("fused,overlap", [(False, False), (True, False), (False, True)],
+                         ids=["separate", "fused_projections", "overlapped_steps"])
+def test_all_methods_in_one_mixed_batch(fp32_model, fused_fp32_model, suite, fused, overlap):
     root, ids, expected = suite
     model = fused_fp32_model if fused else fp32_model
-    engine, manager = make_engine(model, root)
+    engine, manager = make_engine(model, root, overlap=overlap)
     methods = sorted({m for m, _ in expected})
     assert set(manager.ids()) == set(methods)
     rows = capture_logits(engine)
@@ -127,10 +128,12 @@ def test_adapters_change_the_output(suite, fp32_model):
     assert len(changed) >= 6, f"too few adapters change greedy output: {changed}"
 
 
-def test_few_slots_evict_and_reload(fp32_model, suite):
-    """Two accelerator slots for nine adapters: requests wait for a slot, outputs still match."""
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped_steps"])
+def test_few_slots_evict_and_reload(fp32_model, suite, overlap):
+    """Two accelerator slots for nine adapters: requests wait for a slot, outputs still match
+    (with overlapped steps a slot is released one step later)."""
     root, ids, expected = suite
-    engine, manager = make_engine(fp32_model, root, num_slots=2)
+    engine, manager = make_engine(fp32_model, root, overlap=overlap, num_slots=2)
     methods = sorted({m for m, _ in expected})
     handles = [(m, engine.submit(ids[0], SamplingParams(max_new_tokens=NEW), adapter=manager.resolve(m)))
                for m in methods]
