@@ -3,7 +3,8 @@ overlapped steps on and off, in one run.
 
     python -m quiver.loadtest.bench_serve                          # CPU: embedded model
     python -m quiver.loadtest.bench_serve --model llama2-7b --layers 32 --quantize nf4 \
-        --duration 30 --concurrency 32 --input-len fixed:128 --output-len fixed:128 --out serve.json
+        --warmup 30 --duration 30 --overlap off,on,off,on --concurrency 32 \
+        --input-len fixed:128 --output-len fixed:128 --out serve.json
 
 The model is loaded once (`--model llama2-7b`: a Llama-2-7B-shaped model with random weights
 built on the device and a word-level tokenizer, so no weights are needed). For each setting of
@@ -11,7 +12,9 @@ built on the device and a word-level tokenizer, so no weights are needed). For e
 `python -m quiver.loadtest` runs against it in its own process (the client does not share the
 server's interpreter), closed loop at `--concurrency` by default, first for `--warmup` seconds
 unmeasured (the first steps of each new shape compile Triton kernels; a cold server's first
-seconds measure compilation, not serving), then for `--duration`. Reported per setting: the
+seconds measure compilation, not serving), then for `--duration`. Before the first setting one
+more server of that setting runs the warm-up load alone: on the device the first server of a
+process ran worst whichever setting it had (docs/BENCHMARKS.md, round 10). Reported per setting: the
 load generator's req/s, output tok/s, TTFT and TPOT percentiles, and output tok/s as a ratio
 against the first setting.
 """
@@ -34,9 +37,10 @@ from quiver.server.loader import load_model
 OVERLAP = {"on": True, "off": False, "auto": None}
 
 
-def serve_and_load(loaded, overlap: str, args) -> dict:
+def serve_and_load(loaded, overlap: str, args, measure: bool = True) -> dict | None:
     """Starts a server over `loaded`, runs the load generator against it, stops the server;
-    returns the load generator's JSON report with the setting added."""
+    returns the load generator's JSON report with the setting added (measure=False: the
+    warm-up load only, None)."""
     from quiver.server.app import Server
 
     cfg = EngineConfig(max_num_seqs=args.concurrency, max_model_len=args.max_model_len,
@@ -46,6 +50,8 @@ def serve_and_load(loaded, overlap: str, args) -> dict:
     try:
         if args.warmup > 0:
             load(port, args, args.warmup)
+        if not measure:
+            return None
         before = server.engine.steps
         report = load(port, args, args.duration)
         report["overlap"] = overlap
@@ -110,6 +116,8 @@ def main(argv=None) -> int:
     else:
         loaded = load_model(ModelConfig(model=None if args.model == "embedded" else args.model,
                                         quantize=args.quantize))
+    if args.warmup > 0:  # the first server of a process pays for compiling kernels: one unmeasured
+        serve_and_load(loaded, settings[0], args, measure=False)
     reports = []
     for overlap in settings:
         reports.append(serve_and_load(loaded, overlap, args))
