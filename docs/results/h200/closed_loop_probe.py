@@ -2,7 +2,10 @@
 random tokens and `--new` new tokens, a new one submitted as each finishes; per-step wall time
 by kind (graph replay vs eager step with a prefill), overlapped steps on and off.
 
-    python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600
+    python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600 [--profile-eager]
+
+--profile-eager: after the runs, one more eager step (a new prompt beside the running decodes)
+under torch.profiler: its host time and the kernels' time, by op.
 """
 import argparse
 import collections
@@ -21,12 +24,16 @@ ap.add_argument("--steps", type=int, default=600)
 ap.add_argument("--concurrency", type=int, default=32)
 ap.add_argument("--prompt", type=int, default=128)
 ap.add_argument("--new", type=int, default=128)
+ap.add_argument("--profile-eager", action="store_true")
+ap.add_argument("--device", default="cuda")
 args = ap.parse_args()
-loaded = random_llama(args.layers, "nf4", torch.bfloat16, torch.device("cuda"))
+device = torch.device(args.device)
+loaded = random_llama(args.layers, "nf4", torch.bfloat16 if device.type == "cuda" else torch.float32, device)
 out = {}
 for overlap in (True, False, True):
     e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap))
-    e.runner.graphs.capture_all()
+    if e.runner.graphs is not None:
+        e.runner.graphs.capture_all()
     g = torch.Generator().manual_seed(0)
     live = []
 
@@ -38,7 +45,8 @@ for overlap in (True, False, True):
         new()
     times = collections.defaultdict(list)
     finished = 0
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t_all = time.perf_counter()
     for i in range(args.steps):
         inbox, e._inbox = e._inbox, []
@@ -48,7 +56,8 @@ for overlap in (True, False, True):
 
         def spy():
             s = sched()
-            kinds.append("empty" if not s else "graph" if e.runner.graphs.eligible(s, 16) else "eager")
+            graph = e.runner.graphs is not None and e.runner.graphs.eligible(s, 16)
+            kinds.append("empty" if not s else "graph" if graph else "eager")
             return s
 
         e.scheduler.schedule = spy
@@ -63,12 +72,28 @@ for overlap in (True, False, True):
                     live.remove(h)
                     finished += 1
                     new()
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t_all
     row = {k: {"n": len(v), "mean_ms": sum(v) / len(v), "max_ms": max(v)} for k, v in times.items()}
     row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3)
     key = f"overlap={overlap}" + ("#2" if f"overlap={overlap}" in out else "")
     out[key] = row
     print(key, json.dumps(row), flush=True)
+    if args.profile_eager and key == "overlap=True#2":
+        from torch.profiler import ProfilerActivity, profile
+
+        new()  # its prefill joins the running decodes in the next step
+        inbox, e._inbox = e._inbox, []
+        e._take(inbox)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sync()
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            e.step()
+            sync()
+        print(f"eager step: {(time.perf_counter() - t0) * 1e3:.1f} ms wall under the profiler", flush=True)
+        by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=by, row_limit=25), flush=True)
     del e
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
