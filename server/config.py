@@ -45,6 +45,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay CUDA graphs for decode-only steps on CUDA
     # launch each step before the last step's tokens reach the host (engine.py); None = on CUDA
     overlap: bool | None = None
+    # run short requests of several lengths through the engine at start (Engine.warm_up), so
+    # the first requests do not wait for kernel compilation; None = on CUDA
+    warmup: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "default_max_new_tokens"):

@@ -142,3 +142,38 @@ def test_a_prefill_step_takes_the_tokens_before_it_is_launched(fp32_model):
     assert got.token_ids == want.token_ids == first[:4] and got.finish_reason == want.finish_reason == "stop"
     assert a_overlap.seq.num_computed == a_serial.seq.num_computed, "a token was computed past the stop"
     assert b_overlap.result().token_ids == b_serial.result().token_ids
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_warm_up_runs_every_length_and_leaves_the_engine_as_new(fp32_model, overlap):
+    """Engine.warm_up runs one eager step per WARMUP_PROMPTS length (and its decode), frees
+    everything, and the engine then serves as a fresh one does."""
+    from quiver.server.engine.engine import WARMUP_PROMPTS
+
+    engine = Engine(fp32_model, EngineConfig(max_model_len=256, overlap=overlap))
+    sizes = []
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        sizes.append(sum(item.num_tokens for item in out))
+        return out
+
+    engine.scheduler.schedule = spy
+    steps = engine.warm_up()
+    engine.scheduler.schedule = schedule
+    assert set(WARMUP_PROMPTS) <= set(sizes) and steps >= 2 * len(WARMUP_PROMPTS)
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine._handles and engine._launched is None
+    assert not engine.scheduler.has_work()
+    got = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=5))
+    run_to_completion(engine)
+    fresh = Engine(fp32_model, EngineConfig(max_model_len=256, overlap=overlap))
+    want = fresh.submit([5, 6, 7], SamplingParams(max_new_tokens=5))
+    run_to_completion(fresh)
+    assert got.result().token_ids == want.result().token_ids
+
+
+def test_warm_up_stops_quietly_when_the_cache_is_small(fp32_model):
+    engine = Engine(fp32_model, EngineConfig(max_model_len=64, block_size=4, num_blocks=6))
+    assert engine.warm_up() == 2  # only the 8-token prompt (+ 2 new tokens) fits 24 cached tokens
+    assert engine.blocks.num_free == engine.blocks.num_blocks

@@ -575,3 +575,28 @@ def test_serve_refuses_out_of_range_flags_without_a_traceback(capsys, flags, mes
     assert main(["serve", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,value,expected", [("--overlap", "auto", None), ("--overlap", "off", False),
+                                                 ("--warmup", "on", True), ("--warmup", "off", False)])
+def test_serve_passes_the_engine_switches(monkeypatch, flag, value, expected):
+    """--overlap and --warmup reach EngineConfig (the server itself is replaced by a stub)."""
+    import quiver.server.app as app
+    from quiver.server.cli import main
+    from quiver.server.loader import ModelLoadError
+
+    seen = {}
+
+    class Stub:
+        def __init__(self, server_cfg, model_cfg, engine_cfg):
+            seen["cfg"] = engine_cfg
+
+        def start(self):
+            raise ModelLoadError("stub: no model")
+
+        def stop(self, grace):
+            pass
+
+    monkeypatch.setattr(app, "Server", Stub)
+    assert main(["serve", flag, value]) == 2
+    assert getattr(seen["cfg"], flag[2:]) is expected

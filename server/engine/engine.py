@@ -30,6 +30,10 @@ from quiver.server.model import KVCache
 
 log = logging.getLogger(__name__)
 
+# Prompt lengths of the start-up warm-up (Engine.warm_up): one eager step each, across the NF4
+# word kernel's batch-row buckets (<= 16, 32, 64, 128, and the dequantize + cuBLAS path above).
+WARMUP_PROMPTS = (8, 24, 48, 100, 200)
+
 
 @dataclass
 class Event:
@@ -159,9 +163,37 @@ class Engine:
             t0 = time.monotonic()
             n = graphs.capture_all()
             log.info("captured %d decode CUDA graphs in %.1f s", n, time.monotonic() - t0)
+        warm = self.cfg.warmup
+        if warm or (warm is None and self.loaded.device.type == "cuda"):
+            t0 = time.monotonic()
+            n = self.warm_up()
+            log.info("warm-up: %d steps in %.1f s", n, time.monotonic() - t0)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
         self._thread.start()
+
+    def warm_up(self) -> int:
+        """Runs one short request per WARMUP_PROMPTS length through the real step path, before
+        the engine thread starts: the kernels of those step shapes are compiled now, not while
+        the first requests wait (on the device a new shape's first step took 1.5-2 s). Call
+        before start(); returns the number of steps run."""
+        assert self._thread is None, "warm up before the engine thread starts"
+        before = self.steps
+        room = min(self.cfg.max_model_len, self.blocks.num_blocks * self.cfg.block_size)
+        for n in WARMUP_PROMPTS:
+            if n + 2 > room:
+                break
+            handle = self.submit([0] * n, SamplingParams(max_new_tokens=2, ignore_eos=True))
+            while handle.seq.request_id in self._handles or self._inbox:
+                inbox, self._inbox = self._inbox, []
+                self._take(inbox)
+                self.step()
+            self._collect()  # with overlap a dropped token may still be on its way
+            res = handle.result()
+            if res.error:  # not fatal: serving works without the warm-up, only slower at first
+                log.warning("warm-up stopped at a %d-token prompt: %s", n, res.error)
+                break
+        return self.steps - before
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cv:
