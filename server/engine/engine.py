@@ -5,6 +5,18 @@ validates at once (ValueError for bad input). The engine thread loops: take new 
 and cancellations, `Scheduler.schedule()`, run one forward pass over every scheduled
 sequence (prefill chunks and decodes together), sample, stream `Event`s to each handle.
 Requests join and leave the running batch at every step.
+
+Overlapped steps (`EngineConfig.overlap`, on by default on CUDA): a step's sampled tokens
+stay on the device, and the next step is scheduled and launched before they reach the host;
+its input ids are placeholders that the device fills from those tokens (sequence.py). The
+host then takes the tokens, streams them and checks the stop conditions while the device
+runs that next step, so the device does not wait for host work. A step with a prefill chunk
+takes the tokens before it is launched instead (it is launched op by op and bound by the
+host; its long launch would hold back the tokens, often first tokens). The costs: a sequence
+that stops on EOS, a stop string or a cancel has had one more token computed, which is
+dropped; and a request may share its batch with a stopped sequence one step longer, or be
+admitted one step later. Given the same logits a step samples the same tokens (seeded
+sampling included), but a different batch can round differently, as any change of batch can.
 """
 
 from __future__ import annotations
