@@ -28,6 +28,7 @@ import weakref
 
 import torch
 
+
 def to_device(x, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
     if dtype is not None and t.dtype != dtype:

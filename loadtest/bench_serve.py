@@ -31,11 +31,9 @@ import tempfile
 import torch
 
 from quiver.loadtest.bench_engine import random_llama, word_tokenizer
+from quiver.server.cli import SWITCH
 from quiver.server.config import EngineConfig, ModelConfig, ServerConfig
 from quiver.server.loader import load_model
-
-OVERLAP = {"on": True, "off": False, "auto": None}
-
 
 def serve_and_load(loaded, overlap: str, args, measure: bool = True) -> dict | None:
     """Starts a server over `loaded`, runs the load generator against it, stops the server;
@@ -44,7 +42,7 @@ def serve_and_load(loaded, overlap: str, args, measure: bool = True) -> dict | N
     from quiver.server.app import Server
 
     cfg = EngineConfig(max_num_seqs=args.concurrency, max_model_len=args.max_model_len,
-                       max_num_batched_tokens=max(512, args.concurrency), overlap=OVERLAP[overlap])
+                       max_num_batched_tokens=max(512, args.concurrency), overlap=SWITCH[overlap])
     server = Server(ServerConfig(port=0), ModelConfig(), cfg, loaded=loaded)
     port = server.start()
     try:
@@ -107,8 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
     settings = args.overlap.split(",")
-    if not settings or any(s not in OVERLAP for s in settings):
-        ap.error(f"--overlap takes a comma list of {', '.join(OVERLAP)}")
+    if not settings or any(s not in SWITCH for s in settings):
+        ap.error(f"--overlap takes a comma list of {', '.join(SWITCH)}")
     if args.model == "llama2-7b":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

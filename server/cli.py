@@ -45,7 +45,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "kernel compilation (default auto: on with CUDA)")
 
 
-_AUTO = {"auto": None, "on": True, "off": False}
+SWITCH = {"auto": None, "on": True, "off": False}  # auto|on|off flags -> EngineConfig (None = on with CUDA)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def serve(args: argparse.Namespace) -> int:
         engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len,
-                                  overlap=_AUTO[args.overlap], warmup=_AUTO[args.warmup])
+                                  overlap=SWITCH[args.overlap], warmup=SWITCH[args.warmup])
     except ValueError as exc:  # a flag out of range: say which, no traceback
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from quiver.adapters.pinned import to_device
 from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.scheduler import Scheduled
 from quiver.server.engine.sequence import resolve_placeholders
-from quiver.adapters.pinned import to_device
 from quiver.server.model import KVCache, LlamaForward, StepBatch
 
 

@@ -16,8 +16,8 @@ import random
 
 import torch
 
-from quiver.server.config import SamplingParams
 from quiver.adapters.pinned import to_device
+from quiver.server.config import SamplingParams
 
 
 def make_generator(seed: int | None) -> torch.Generator:
