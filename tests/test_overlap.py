@@ -177,3 +177,26 @@ def test_warm_up_stops_quietly_when_the_cache_is_small(fp32_model):
     engine = Engine(fp32_model, EngineConfig(max_model_len=64, block_size=4, num_blocks=6))
     assert engine.warm_up() == 2  # only the 8-token prompt (+ 2 new tokens) fits 24 cached tokens
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_failed_step_keeps_the_tokens_of_the_step_before(fp32_model):
+    """A step that raises fails its requests; the tokens the step before computed are still
+    streamed first, as the serial engine streams them."""
+    def run(overlap: bool):
+        engine = Engine(fp32_model, EngineConfig(max_model_len=64, overlap=overlap))
+        real, calls = engine.runner.run, [0]
+
+        def flaky(scheduled, feed=None):
+            calls[0] += 1
+            if calls[0] == 4:
+                raise RuntimeError("injected")
+            return real(scheduled, feed)
+
+        engine.runner.run = flaky
+        handle = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=8))
+        run_to_completion(engine)
+        return handle.result()
+
+    serial, overlapped = run(False), run(True)
+    assert "injected" in serial.error and "injected" in overlapped.error
+    assert len(serial.token_ids) == 3 and overlapped.token_ids == serial.token_ids

@@ -277,9 +277,11 @@ class Engine:
             logits = self.runner.run(scheduled, feed)
         except Exception as exc:  # a failed step fails its requests, never the server
             log.exception("engine step failed")
+            self._collect()  # the step before's tokens are good: stream them first
             for item in scheduled:
-                self._finish(self._handles[item.seq.request_id], None, error=f"internal error: {exc}")
-            self._collect()
+                handle = self._handles.get(item.seq.request_id)
+                if handle is not None:  # (the collect may have finished it)
+                    self._finish(handle, None, error=f"internal error: {exc}")
             return
         sampling = []
         for item in scheduled:
