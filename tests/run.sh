@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# the pytest script, not `python -m pytest`: -m would put this checkout first on sys.path, where
+# the kernels/ folder shadows the PyPI `kernels` package that transformers (>= 5.25) imports
+exec .venv/bin/pytest -q "$@"
