@@ -6,7 +6,10 @@ cache and the scheduler; ServerConfig is the gRPC edge. SamplingParams belong to
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("nf4", "int8", "none")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
@@ -60,6 +63,11 @@ class EngineConfig:
         if self.num_blocks == 0:
             per_seq = -(-self.max_model_len // self.block_size)
             self.num_blocks = per_seq * min(self.max_num_seqs, 8) + per_seq
+        slots = self.num_blocks * self.block_size
+        if slots < self.max_model_len:  # a longer sequence could never be held: no promise of it
+            log.warning("max_model_len %d lowered to %d, the KV cache's num_blocks * block_size",
+                        self.max_model_len, slots)
+            self.max_model_len = slots
 
     @property
     def max_blocks_per_seq(self) -> int:

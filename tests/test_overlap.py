@@ -200,3 +200,57 @@ def test_a_failed_step_keeps_the_tokens_of_the_step_before(fp32_model):
     serial, overlapped = run(False), run(True)
     assert "injected" in serial.error and "injected" in overlapped.error
     assert len(serial.token_ids) == 3 and overlapped.token_ids == serial.token_ids
+
+
+def _bounded_run(engine, max_steps: int = 200) -> None:
+    """run_to_completion that fails instead of looping forever."""
+    for _ in range(max_steps):
+        inbox, engine._inbox = engine._inbox, []
+        engine._take(inbox)
+        if not engine.scheduler.has_work():
+            return
+        engine.step()
+    raise AssertionError(f"engine still busy after {max_steps} steps")
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_requests_longer_than_the_cache_end_cleanly(fp32_model, overlap):
+    """A cache smaller than max_model_len lowers it (a longer request is refused at submit, a
+    longer output stops at "length"); a sequence that still outgrows the cache, because
+    shared blocks (an adapter's prefix) hold part of it, fails with resource_exhausted."""
+    engine = Engine(fp32_model, EngineConfig(max_model_len=64, block_size=4, num_blocks=6, overlap=overlap))
+    assert engine.cfg.max_model_len == 24
+    with pytest.raises(ValueError, match="context holds 24"):
+        engine.submit([5] * 24, SamplingParams(max_new_tokens=4))
+    capped = engine.submit([5] * 20, SamplingParams(max_new_tokens=50, ignore_eos=True))
+    _bounded_run(engine)
+    res = capped.result()
+    assert res.error is None and res.finish_reason == "length" and len(res.token_ids) == 4
+
+    held = engine.blocks.take(2)  # 16 of the 24 slots left, as when a prefix adapter is resident
+    grows = engine.submit([5] * 12, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    _bounded_run(engine)
+    res = grows.result()
+    assert res.error_kind == "resource_exhausted" and "outgrew the KV cache" in res.error
+    assert res.completion_tokens == 5  # 16 slots hold 12 + 4 outputs; the 5th was sampled too
+    engine.blocks.release(held)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_failing_warm_up_does_not_stop_the_server(fp32_model, monkeypatch):
+    import quiver.server.engine.engine as engine_mod
+
+    engine = Engine(fp32_model, EngineConfig(max_model_len=64, warmup=True, overlap=False))
+
+    def broken(*a, **k):
+        raise RuntimeError("injected sampling failure")
+
+    monkeypatch.setattr(engine_mod, "sample_tokens", broken)
+    engine.start()  # logs the failure and serves
+    try:
+        assert not engine._handles and engine._launched is None
+        monkeypatch.undo()
+        res = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True)).result()
+        assert res.error is None and len(res.token_ids) == 3
+    finally:
+        engine.shutdown()

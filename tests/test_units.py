@@ -99,6 +99,19 @@ def test_preemption_when_blocks_run_out():
     assert sched.waiting[0] is b and a.status is Status.RUNNING
 
 
+def test_a_sequence_alone_that_outgrows_the_cache_is_refused_not_preempted_forever():
+    sched = make_sched(num_blocks=2, max_num_batched_tokens=16)  # 8 token slots in all
+    assert sched.cfg.max_model_len == 8  # lowered from 64: no promise the cache cannot keep
+    a = seq(6, max_new=8)
+    sched.add(a)
+    for _ in range(20):
+        fake_step(sched, sched.schedule())
+        if sched.refused:
+            break
+    assert sched.refused == [a] and a not in sched.running and a.num_tokens == 9  # grew to 8 cached + 1 sampled
+    assert sched.blocks.num_free == sched.blocks.num_blocks and not sched.has_work()
+
+
 def test_finish_frees_blocks():
     sched = make_sched()
     a = seq(5)

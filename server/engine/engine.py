@@ -178,8 +178,12 @@ class Engine:
         warm = self.cfg.warmup
         if warm or (warm is None and self.loaded.device.type == "cuda"):
             t0 = time.monotonic()
-            n = self.warm_up()
-            log.info("warm-up: %d steps in %.1f s", n, time.monotonic() - t0)
+            try:
+                n = self.warm_up()
+                log.info("warm-up: %d steps in %.1f s", n, time.monotonic() - t0)
+            except Exception as exc:  # serving works without the warm-up, only slower at first
+                log.exception("warm-up failed; serving without it")
+                self._fail_all(exc)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
         self._thread.start()
@@ -231,9 +235,12 @@ class Engine:
                     self.step()
             except Exception as exc:  # never let the engine thread die with requests waiting on it
                 log.exception("engine loop failed; failing the requests in flight")
-                self._launched = None
-                for handle in list(self._handles.values()):
-                    self._finish(handle, None, error=f"internal error: {exc}")
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self._launched = None
+        for handle in list(self._handles.values()):
+            self._finish(handle, None, error=f"internal error: {exc}")
 
     def _take(self, inbox: list[tuple[str, RequestHandle]]) -> None:
         for kind, handle in inbox:
@@ -253,6 +260,14 @@ class Engine:
         With overlap, the tokens of the step before are taken to the host after this step is
         launched; without, this step's own tokens are taken before it returns."""
         scheduled = self.scheduler.schedule()
+        if self.scheduler.refused:
+            self._collect()  # their last tokens first, as without overlap (one may end them)
+        for seq in self.scheduler.refused:
+            if seq.request_id in self._handles:
+                self._finish(self._handles[seq.request_id], None, kind="resource_exhausted",
+                             error=f"request outgrew the KV cache: its {seq.num_tokens} tokens (prompt and output so "
+                                   f"far) do not fit in the {self.blocks.num_free * self.cfg.block_size} free token slots")
+        self.scheduler.refused.clear()
         if not scheduled:
             if self._launched is not None:  # running sequences wait for their last tokens
                 self._collect()

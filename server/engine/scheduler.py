@@ -5,7 +5,9 @@ chunk), then waiting sequences in arrival order while the token budget, the runn
 and the KV blocks allow. Long prompts are cut into chunks of at most the remaining budget
 (chunked prefill), so prefills and decodes share a step. When a running sequence cannot grow,
 the most recently admitted running sequence is preempted: `preempt(seq)` frees its blocks and
-puts it back at the head of the waiting queue to be recomputed later.
+puts it back at the head of the waiting queue to be recomputed later. A sequence that cannot
+grow with no other sequence left to preempt never will: it is moved to `refused` (blocks
+freed) for the engine to fail, instead of preempting itself and being recomputed forever.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.refused: list[Sequence] = []  # outgrew the whole cache; the engine fails them
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -70,6 +73,12 @@ class Scheduler:
                 budget -= 1
                 continue
             while not self.blocks.can_allocate(seq, seq.num_computed + n):
+                if len(self.running) == 1:  # alone and still too big: no preemption helps
+                    self.running.remove(seq)
+                    self.blocks.free(seq)
+                    seq.status = Status.WAITING  # in neither queue: the engine fails it
+                    self.refused.append(seq)
+                    break
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is seq:
