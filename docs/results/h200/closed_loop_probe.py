@@ -3,6 +3,10 @@ random tokens and `--new` new tokens, a new one submitted as each finishes; per-
 by kind (graph replay vs eager step with a prefill), overlapped steps on and off.
 
     python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600 [--profile-eager]
+        [--batched-tokens 512,128]
+
+Runs: overlap on (cold), off, on (warm) at the first --batched-tokens value (the step's token
+budget, max_num_batched_tokens), then overlap on at each further value, then at the first again.
 
 --profile-eager: after the runs, one more eager step (a new prompt beside the running decodes)
 under torch.profiler: its host time and the kernels' time, by op.
@@ -26,12 +30,17 @@ ap.add_argument("--prompt", type=int, default=128)
 ap.add_argument("--new", type=int, default=128)
 ap.add_argument("--profile-eager", action="store_true")
 ap.add_argument("--device", default="cuda")
+ap.add_argument("--batched-tokens", default="512", help="comma list of max_num_batched_tokens")
 args = ap.parse_args()
 device = torch.device(args.device)
 loaded = random_llama(args.layers, "nf4", torch.bfloat16 if device.type == "cuda" else torch.float32, device)
 out = {}
-for overlap in (True, False, True):
-    e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap))
+budgets = [int(b) for b in args.batched_tokens.split(",")]
+runs = [(True, budgets[0]), (False, budgets[0]), (True, budgets[0])] + [(True, b) for b in budgets[1:]]
+runs += [(True, budgets[0])] if len(budgets) > 1 else []
+for overlap, budget in runs:
+    e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap,
+                                    max_num_batched_tokens=budget))
     if e.runner.graphs is not None:
         e.runner.graphs.capture_all()
     g = torch.Generator().manual_seed(0)
@@ -44,7 +53,7 @@ for overlap in (True, False, True):
     for _ in range(args.concurrency):
         new()
     times = collections.defaultdict(list)
-    finished = 0
+    finished = tokens = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t_all = time.perf_counter()
@@ -68,18 +77,23 @@ for overlap in (True, False, True):
         times[kinds[0]].append(dt * 1e3)
         for h in list(live):
             while not h.events.empty():
-                if h.events.get().finish_reason:
+                ev = h.events.get()
+                tokens += len(ev.token_ids)
+                if ev.finish_reason:
                     live.remove(h)
                     finished += 1
                     new()
     sync()
     wall = time.perf_counter() - t_all
     row = {k: {"n": len(v), "mean_ms": sum(v) / len(v), "max_ms": max(v)} for k, v in times.items()}
-    row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3)
-    key = f"overlap={overlap}" + ("#2" if f"overlap={overlap}" in out else "")
+    row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3, tokens=tokens,
+               tok_s=tokens / wall, batched_tokens=budget)
+    key = f"overlap={overlap},budget={budget}"
+    seen = sum(k.split("#")[0] == key for k in out)
+    key += f"#{seen + 1}" if seen else ""
     out[key] = row
     print(key, json.dumps(row), flush=True)
-    if args.profile_eager and key == "overlap=True#2":
+    if args.profile_eager and key == f"overlap=True,budget={budgets[0]}#2":
         from torch.profiler import ProfilerActivity, profile
 
         new()  # its prefill joins the running decodes in the next step
