@@ -2,7 +2,8 @@
 q, k, v, o of a 32-layer 7B-shaped base (a 64 MiB float32 file), a 4-slot pool.
 
 Prints, each the median of 7 after a warm-up:
-  * pieces: pinning 32 MiB (new block / cached), the file read, the NaN/Inf check per file
+  * pieces: pinning 32 MiB (new block / cached), the file read (safetensors' load_file, and
+    Quiver's read_safetensors, with and without the conversion to bf16), the NaN/Inf check per file
     tensor (torch and numpy) and over one staged buffer;
   * the rows of one projection three ways: layer by layer (2 copies per layer), stack + one
     conversion, one multi-tensor copy (staging.lora_rows);
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from quiver.adapters.base import BaseSpec
-from quiver.adapters.files import is_finite
+from quiver.adapters.files import is_finite, read_safetensors
 from quiver.adapters.lora import save_lora
 from quiver.adapters.methods import load_adapter
 from quiver.adapters.pinned import PinnedArena
@@ -69,6 +70,12 @@ def main() -> None:
     path = str(root / "cold" / "adapter_model.safetensors")
     tensors = list(load_file(path).values())
     print("load_file (page cache)", median_ms(lambda: load_file(path)))
+    print("read_safetensors (views of a mapping; page cache)", median_ms(lambda: read_safetensors(path)))
+    flat = torch.empty(sum(x.numel() for x in tensors), dtype=torch.bfloat16)
+    dst = list(flat.split([x.numel() for x in tensors]))
+    for name, read in (("load_file", load_file), ("read_safetensors", read_safetensors)):
+        print(f"{name} + one conversion to bf16", median_ms(
+            lambda: torch._foreach_copy_(dst, [x.view(-1) for x in read(path).values()])))
     print("NaN/Inf check, 256 torch sums", median_ms(lambda: [is_finite(x) for x in tensors]))
     print("NaN/Inf check, 256 numpy sums", median_ms(lambda: [bool(abs(x.numpy().sum()) < float("inf")) for x in tensors]))
     print("NaN/Inf check, one staged 32 MiB bf16 buffer", median_ms(lambda: is_finite(pinned)))
