@@ -3,10 +3,12 @@ random tokens and `--new` new tokens, a new one submitted as each finishes; per-
 by kind (graph replay vs eager step with a prefill), overlapped steps on and off.
 
     python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600 [--profile-eager]
-        [--batched-tokens 512,128]
+        [--batched-tokens 512,128] [--sdpa quiver,all]
 
 Runs: overlap on (cold), off, on (warm) at the first --batched-tokens value (the step's token
-budget, max_num_batched_tokens), then overlap on at each further value, then at the first again.
+budget, max_num_batched_tokens) and --sdpa value, then overlap on at each further value of
+either, then at the first values again. --sdpa: the eager path's attention backends, `quiver`
+(server/model.SDPA_BACKENDS) or `all` (torch's own choice, cuDNN included).
 
 --profile-eager: after the runs, one more eager step (a new prompt beside the running decodes)
 under torch.profiler: its host time and the kernels' time, by op.
@@ -17,6 +19,9 @@ import json
 import time
 
 import torch
+from torch.nn.attention import SDPBackend
+
+import quiver.server.model as model_mod
 
 from quiver.loadtest.bench_engine import random_llama
 from quiver.server.config import EngineConfig, SamplingParams
@@ -31,14 +36,19 @@ ap.add_argument("--new", type=int, default=128)
 ap.add_argument("--profile-eager", action="store_true")
 ap.add_argument("--device", default="cuda")
 ap.add_argument("--batched-tokens", default="512", help="comma list of max_num_batched_tokens")
+ap.add_argument("--sdpa", default="quiver", help="comma list of quiver | all")
 args = ap.parse_args()
 device = torch.device(args.device)
 loaded = random_llama(args.layers, "nf4", torch.bfloat16 if device.type == "cuda" else torch.float32, device)
 out = {}
 budgets = [int(b) for b in args.batched_tokens.split(",")]
-runs = [(True, budgets[0]), (False, budgets[0]), (True, budgets[0])] + [(True, b) for b in budgets[1:]]
-runs += [(True, budgets[0])] if len(budgets) > 1 else []
-for overlap, budget in runs:
+sdpas = args.sdpa.split(",")
+b0, s0 = budgets[0], sdpas[0]
+runs = [(True, b0, s0), (False, b0, s0), (True, b0, s0)] + [(True, b, s0) for b in budgets[1:]]
+runs += [(True, b0, s) for s in sdpas[1:]] + ([(True, b0, s0)] if len(budgets) + len(sdpas) > 2 else [])
+QUIVER_SDPA = list(model_mod.SDPA_BACKENDS)
+for overlap, budget, sdpa in runs:
+    model_mod.SDPA_BACKENDS = QUIVER_SDPA if sdpa == "quiver" else [SDPBackend.CUDNN_ATTENTION] + QUIVER_SDPA
     e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap,
                                     max_num_batched_tokens=budget))
     if e.runner.graphs is not None:
@@ -87,27 +97,32 @@ for overlap, budget in runs:
     wall = time.perf_counter() - t_all
     row = {k: {"n": len(v), "mean_ms": sum(v) / len(v), "max_ms": max(v)} for k, v in times.items()}
     row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3, tokens=tokens,
-               tok_s=tokens / wall, batched_tokens=budget)
-    key = f"overlap={overlap},budget={budget}"
+               tok_s=tokens / wall, batched_tokens=budget, sdpa=sdpa)
+    key = f"overlap={overlap},budget={budget},sdpa={sdpa}"
     seen = sum(k.split("#")[0] == key for k in out)
     key += f"#{seen + 1}" if seen else ""
     out[key] = row
     print(key, json.dumps(row), flush=True)
-    if args.profile_eager and key == f"overlap=True,budget={budgets[0]}#2":
+    if args.profile_eager and key == f"overlap=True,budget={b0},sdpa={s0}#2":
         from torch.profiler import ProfilerActivity, profile
 
-        new()  # its prefill joins the running decodes in the next step
+        e._collect()
+        live[0].cancel()  # a free place: the new prompt's prefill joins the running decodes
+        new()
         inbox, e._inbox = e._inbox, []
         e._take(inbox)
+        sched, shape = e.scheduler.schedule, []
+        e.scheduler.schedule = lambda: (lambda s: shape.extend(i.num_tokens for i in s) or s)(sched())
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sync()
         t0 = time.perf_counter()
         with profile(activities=acts) as prof:
             e.step()
             sync()
-        print(f"eager step: {(time.perf_counter() - t0) * 1e3:.1f} ms wall under the profiler", flush=True)
-        by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=by, row_limit=25), flush=True)
+        print(f"eager step: {(time.perf_counter() - t0) * 1e3:.1f} ms wall under the profiler; {len(shape)} "
+              f"sequences, {sum(shape)} tokens, largest chunk {max(shape, default=0)}", flush=True)
+        for by in (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
+            print(prof.key_averages().table(sort_by=by, row_limit=25), flush=True)
     del e
     if device.type == "cuda":
         torch.cuda.empty_cache()
