@@ -9,7 +9,7 @@ Prints, each the median of 7 after a warm-up:
     conversion, one multi-tensor copy (staging.lora_rows);
   * whole loads as AdapterManager does them on CUDA (read without the per-tensor check, stage
     into its pinned arena with the check on the staged buffer, row copies run by 8 threads,
-    engine thread), alternated with the same on 1 thread and with the previous order (per-tensor
+    engine thread), alternated with the same with load_file's read, on 1 thread, and with the previous order (per-tensor
     check on read, stage unchecked into a block pinned per adapter, 1 thread), then a profile
     of one stage call.
 
@@ -99,13 +99,16 @@ def main() -> None:
     arena = PinnedArena(1 << 30)
     print("pin the 1 GiB arena (server start)", f"{1e3 * (time.perf_counter() - t):.0f} ms")
     import quiver.adapters.staging as staging
-    ways = {"arena, check on the staged buffer, 8 fill threads": (True, 8),
-            "arena, check on the staged buffer, 1 fill thread": (True, 1),
-            "pin per adapter, check per file tensor, 1 fill thread": (False, 1)}
+    import quiver.adapters.files as files
+    mapped = files.read_safetensors
+    ways = {"arena, check on the staged buffer, 8 fill threads": (True, 8, mapped),
+            "the same, file read by safetensors' load_file": (True, 8, lambda p: load_file(str(p))),
+            "arena, check on the staged buffer, 1 fill thread": (True, 1, mapped),
+            "pin per adapter, check per file tensor, 1 fill thread": (False, 1, mapped)}
     rows = {name: [] for name in ways}
     for i in range(8 * len(ways)):
         name = list(ways)[i % len(ways)]
-        deferred, staging.FILL_THREADS = ways[name]
+        deferred, staging.FILL_THREADS, files.read_safetensors = ways[name]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fresh = load_adapter(root / "cold", base, 16, check_finite=not deferred)
@@ -119,7 +122,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t4 = time.perf_counter()
         rows[name].append((t1 - t0, t2 - t1, t3 - t2, t4 - t2, t4 - t0))
-    staging.FILL_THREADS = 8
+    staging.FILL_THREADS, files.read_safetensors = 8, mapped
     for name in ways:
         cols = list(zip(*rows[name][1:]))  # the first of each is a warm-up
         med = [1e3 * statistics.median(c) for c in cols]

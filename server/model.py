@@ -60,17 +60,21 @@ class StepBatch:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64, position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, flat KV-cache slot written by each token
-    q_gather: torch.Tensor  # [B, Qmax] int64, flat token index of row b, query i (T = padding)
-    out_scatter: torch.Tensor  # [T] int64, index of token t in the flattened [B*Qmax] rows
-    kv_gather: torch.Tensor  # [B, Lmax] int64, cache slot of row b, key j (0 = padding)
-    attn_mask: torch.Tensor  # [B, 1, Qmax, Lmax] bool, True = may attend
     sample_index: torch.Tensor  # [N] int64, flat tokens whose logits are returned
     adapters: AdapterHook | None = None
-    # Decode-only steps on CUDA: one query per row, attention straight from the paged cache
-    # (no gather of whole sequences). q_gather/kv_gather/attn_mask are unused then.
+    # The SDPA rows (every row, unless decode rows are split off below), padded to Qmax x Lmax:
+    q_gather: torch.Tensor | None = None  # [B, Qmax] int64, flat token index of row b, query i (T = padding)
+    out_scatter: torch.Tensor | None = None  # [T'] int64, index of each SDPA row token in the flattened [B*Qmax]
+    kv_gather: torch.Tensor | None = None  # [B, Lmax] int64, cache slot of row b, key j (0 = padding)
+    attn_mask: torch.Tensor | None = None  # [B, 1, Qmax, Lmax] bool, True = may attend
+    sdpa_tokens: torch.Tensor | None = None  # [T'] int64, their flat tokens when decode rows are split off
+    # Decode rows (one query each), attention straight from the paged cache, no gather of whole
+    # sequences: every row of a decode graph's step; in an eager step, the rows of dec_tokens.
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     context_lens: torch.Tensor | None = None  # [B] int32, keys per row incl. the new token (0 = padding row)
     block_size: int = 0
+    dec_tokens: torch.Tensor | None = None  # [Bd] int64, flat token of each decode row of an eager step
+    dec_prefix: torch.Tensor | None = None  # [B, P] int64, their shared prefix slots (-1 = none)
 
 
 class KVCache:
@@ -141,17 +145,34 @@ class DecoderLayer(nn.Module):
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached keys/values.
 
-    q [T, H, D]; k_cache/v_cache [slots, KVH, D] -> [T, H*D].
-    Pseudo-code: for each row b: keys = cache[kv_gather[b]]; out = softmax(q k^T / sqrt(D)
-    masked by attn_mask[b]) v. Rows are padded to Qmax x Lmax and run as one SDPA call.
+    q [T, H, D]; k_cache/v_cache [slots, KVH, D] -> [T, H*D]. Decode rows (block_tables) run
+    the paged decode kernel; the other rows run one padded SDPA call (_sdpa_rows).
     """
     T, H, D = q.shape
-    if batch.block_tables is not None:
-        from quiver.kernels.attention import paged_decode_attention
+    if batch.block_tables is None:
+        return _sdpa_rows(q, k_cache, v_cache, batch)
+    from quiver.kernels.attention import paged_decode_attention
 
-        out = paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.block_size,
-                                     D ** -0.5)
-        return out.reshape(T, H * D)
+    if batch.dec_tokens is None:  # a decode graph's step: every row, in token order
+        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
+                                      batch.block_size, D ** -0.5).reshape(T, H * D)
+    q_dec = q.new_zeros(batch.block_tables.shape[0], H, D)  # padded to the graphs' batch bucket
+    n = batch.dec_tokens.shape[0]
+    q_dec[:n] = q[batch.dec_tokens]
+    dec = paged_decode_attention(q_dec, k_cache, v_cache, batch.block_tables, batch.context_lens,
+                                 batch.block_size, D ** -0.5, batch.dec_prefix)
+    out = q.new_empty(T, H * D)
+    out[batch.dec_tokens] = dec[:n].reshape(n, H * D)
+    if batch.q_gather is not None:
+        out[batch.sdpa_tokens] = _sdpa_rows(q, k_cache, v_cache, batch)
+    return out
+
+
+def _sdpa_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+    """Pseudo-code: for each SDPA row b: keys = cache[kv_gather[b]]; out = softmax(q k^T /
+    sqrt(D) masked by attn_mask[b]) v. Rows are padded to Qmax x Lmax and run as one SDPA call;
+    returns the rows' tokens in out_scatter's order, [T', H*D]."""
+    T, H, D = q.shape
     B, Qmax = batch.q_gather.shape
     q_pad = torch.cat([q, q.new_zeros(1, H, D)])[batch.q_gather]  # [B, Qmax, H, D]
     k = k_cache[batch.kv_gather]  # [B, Lmax, KVH, D]

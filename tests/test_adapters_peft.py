@@ -87,12 +87,15 @@ def fused_fp32_model():
     return loaded
 
 
-@pytest.mark.parametrize("fused,overlap", [(False, False), (True, False), (False, True)],
-                         ids=["separate", "fused_projections", "overlapped_steps"])
-def test_all_methods_in_one_mixed_batch(fp32_model, fused_fp32_model, suite, fused, overlap):
+@pytest.mark.parametrize("fused,overlap,split", [(False, False, False), (True, False, False), (False, True, False),
+                                                 (False, False, True)],
+                         ids=["separate", "fused_projections", "overlapped_steps", "split_decodes"])
+def test_all_methods_in_one_mixed_batch(fp32_model, fused_fp32_model, suite, fused, overlap, split):
+    """split: decodes through the paged decode attention (CPU: its reference), prefix slots too."""
     root, ids, expected = suite
     model = fused_fp32_model if fused else fp32_model
     engine, manager = make_engine(model, root, overlap=overlap)
+    engine.runner.split_decodes = split
     methods = sorted({m for m, _ in expected})
     assert set(manager.ids()) == set(methods)
     rows = capture_logits(engine)

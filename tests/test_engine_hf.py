@@ -6,6 +6,8 @@ small so long prompts are prefilled in chunks beside other sequences' decodes.
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 
 from conftest import hf_greedy, run_to_completion
@@ -28,10 +30,22 @@ PROMPTS = [
 NEW_TOKENS = 20
 
 
-def staggered_run(loaded, prompts, new_tokens, **engine_kw):
-    """Submits prompts two at a time, one step apart, into a running engine; returns results."""
+def staggered_run(loaded, prompts, new_tokens, split_decodes=None, **engine_kw):
+    """Submits prompts two at a time, one step apart, into a running engine; returns results.
+    split_decodes: set the runner's (decode rows through the paged decode attention; on the
+    CPU its reference); engine.kinds counts the eager steps' row kinds."""
     tok = loaded.tokenizer
     engine = Engine(loaded, EngineConfig(**engine_kw))
+    if split_decodes is not None:
+        engine.runner.split_decodes = split_decodes
+    build, engine.kinds = engine.runner.build, collections.Counter()
+
+    def counted(*a, **k):
+        batch = build(*a, **k)
+        engine.kinds[(batch.dec_tokens is not None, batch.q_gather is not None)] += 1
+        return batch
+
+    engine.runner.build = counted
     pending = [p if isinstance(p, list) else tok(p)["input_ids"] for p in prompts]
     handles = []
     while pending or engine.scheduler.has_work() or engine._inbox:
@@ -47,9 +61,14 @@ def staggered_run(loaded, prompts, new_tokens, **engine_kw):
     return engine, [(ids, h.result()) for ids, h in handles]
 
 
-def test_engine_matches_transformers_fp32(fp32_model):
-    engine, results = staggered_run(fp32_model, PROMPTS, NEW_TOKENS, max_num_batched_tokens=24, max_num_seqs=8,
+@pytest.mark.parametrize("split", [False, True], ids=["sdpa_rows", "split_decodes"])
+def test_engine_matches_transformers_fp32(fp32_model, split):
+    engine, results = staggered_run(fp32_model, PROMPTS, NEW_TOKENS, split, max_num_batched_tokens=24, max_num_seqs=8,
                                     max_model_len=256)
+    if split:  # steps of decodes alone, and of decodes beside prefill chunks
+        assert engine.kinds[(True, False)] > 0 and engine.kinds[(True, True)] > 0
+    else:
+        assert set(engine.kinds) == {(False, True)}
     assert len(results) == len(PROMPTS)
     max_running = engine.steps  # sanity: chunked prefill over many steps
     assert max_running > NEW_TOKENS

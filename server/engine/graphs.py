@@ -69,10 +69,8 @@ class DecodeGraphs:
 
     def _batch(self, bucket: int, adapters) -> StepBatch:
         b = bucket
-        empty = torch.empty(0, dtype=torch.long, device=self.device)
         return StepBatch(
             input_ids=self.input_ids[:b], positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
-            q_gather=empty, out_scatter=empty, kv_gather=empty, attn_mask=empty,
             sample_index=self.sample_index[:b], adapters=adapters, block_tables=self.block_tables[:b],
             context_lens=self.context_lens[:b], block_size=self.kv.block_size,
         )

@@ -3,12 +3,13 @@ random tokens and `--new` new tokens, a new one submitted as each finishes; per-
 by kind (graph replay vs eager step with a prefill), overlapped steps on and off.
 
     python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600 [--profile-eager]
-        [--batched-tokens 512,128] [--sdpa quiver,all]
+        [--batched-tokens 512,128] [--sdpa quiver,all] [--split on,off]
 
 Runs: overlap on (cold), off, on (warm) at the first --batched-tokens value (the step's token
 budget, max_num_batched_tokens) and --sdpa value, then overlap on at each further value of
 either, then at the first values again. --sdpa: the eager path's attention backends, `quiver`
-(server/model.SDPA_BACKENDS) or `all` (torch's own choice, cuDNN included).
+(server/model.SDPA_BACKENDS) or `all` (torch's own choice, cuDNN included); --split: an eager
+step's decode rows through the paged decode kernel (ModelRunner.split_decodes) or in the SDPA call.
 
 --profile-eager: after the runs, one more eager step (a new prompt beside the running decodes)
 under torch.profiler: its host time and the kernels' time, by op.
@@ -37,20 +38,23 @@ ap.add_argument("--profile-eager", action="store_true")
 ap.add_argument("--device", default="cuda")
 ap.add_argument("--batched-tokens", default="512", help="comma list of max_num_batched_tokens")
 ap.add_argument("--sdpa", default="quiver", help="comma list of quiver | all")
+ap.add_argument("--split", default="on", help="comma list of on | off: an eager step's decodes through the decode kernel")
 args = ap.parse_args()
 device = torch.device(args.device)
 loaded = random_llama(args.layers, "nf4", torch.bfloat16 if device.type == "cuda" else torch.float32, device)
 out = {}
 budgets = [int(b) for b in args.batched_tokens.split(",")]
-sdpas = args.sdpa.split(",")
-b0, s0 = budgets[0], sdpas[0]
-runs = [(True, b0, s0), (False, b0, s0), (True, b0, s0)] + [(True, b, s0) for b in budgets[1:]]
-runs += [(True, b0, s) for s in sdpas[1:]] + ([(True, b0, s0)] if len(budgets) + len(sdpas) > 2 else [])
+sdpas, splits = args.sdpa.split(","), args.split.split(",")
+b0, s0, p0 = budgets[0], sdpas[0], splits[0]
+runs = [(True, b0, s0, p0), (False, b0, s0, p0), (True, b0, s0, p0)] + [(True, b, s0, p0) for b in budgets[1:]]
+runs += [(True, b0, s, p0) for s in sdpas[1:]] + [(True, b0, s0, p) for p in splits[1:]]
+runs += [(True, b0, s0, p0)] if len(budgets) + len(sdpas) + len(splits) > 3 else []
 QUIVER_SDPA = list(model_mod.SDPA_BACKENDS)
-for overlap, budget, sdpa in runs:
+for overlap, budget, sdpa, split in runs:
     model_mod.SDPA_BACKENDS = QUIVER_SDPA if sdpa == "quiver" else [SDPBackend.CUDNN_ATTENTION] + QUIVER_SDPA
     e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap,
                                     max_num_batched_tokens=budget))
+    e.runner.split_decodes = split == "on"
     if e.runner.graphs is not None:
         e.runner.graphs.capture_all()
     g = torch.Generator().manual_seed(0)
@@ -97,13 +101,13 @@ for overlap, budget, sdpa in runs:
     wall = time.perf_counter() - t_all
     row = {k: {"n": len(v), "mean_ms": sum(v) / len(v), "max_ms": max(v)} for k, v in times.items()}
     row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3, tokens=tokens,
-               tok_s=tokens / wall, batched_tokens=budget, sdpa=sdpa)
-    key = f"overlap={overlap},budget={budget},sdpa={sdpa}"
+               tok_s=tokens / wall, batched_tokens=budget, sdpa=sdpa, split=split)
+    key = f"overlap={overlap},budget={budget},sdpa={sdpa},split={split}"
     seen = sum(k.split("#")[0] == key for k in out)
     key += f"#{seen + 1}" if seen else ""
     out[key] = row
     print(key, json.dumps(row), flush=True)
-    if args.profile_eager and key == f"overlap=True,budget={b0},sdpa={s0}#2":
+    if args.profile_eager and key == f"overlap=True,budget={b0},sdpa={s0},split={p0}#2":
         from torch.profiler import ProfilerActivity, profile
 
         e._collect()
