@@ -78,6 +78,10 @@ GEMV_MAX_M = 1
 # group into registers before this one's arithmetic (measured there as `prefetch`) gained nothing.
 GEMV_CONFIG = dict(block_n=64, num_warps=4, num_stages=1, split=32, per_sm=16)
 WORDS_MAX_M = 128  # above: prefill path (Triton dequantize + cuBLAS)
+# The prefill path's rows are padded to a multiple of this: cuBLAS spends 139-189 us of host
+# time on a matmul shape it has not seen and 14-16 us on one it has (H200,
+# docs/results/h200/mm_host_probe.log), and an eager step's M is new nearly every step.
+PREFILL_M_BUCKET = 64
 DEQUANT_BLOCK_N = 64
 # LoRA shrinks in the word kernel's launch: ~2 programs per SM of 256-input blocks (its 4 warps),
 # not the standalone shrink's ~8 of 128 with 8 warps. H200 engine step, batch 32, 32 rank-16
@@ -514,7 +518,8 @@ def reference_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.T
 def nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
                      bias: torch.Tensor | None = None, shrink: Shrink | None = None) -> torch.Tensor:
     """Dispatch: decode batches (M <= WORDS_MAX_M) run the word kernel; larger M (prefill)
-    dequantize W with a Triton kernel and leave the GEMM to cuBLAS; the reference off CUDA.
+    dequantize W with a Triton kernel and leave the GEMM to cuBLAS, over rows padded to a
+    multiple of PREFILL_M_BUCKET; the reference off CUDA.
     shrink (token_slot, members): the members' LoRA shrinks of x, in the word kernel's launch
     where it runs, else in their own (lora_group.group_shrink)."""
     M = x.numel() // x.shape[-1]
@@ -527,7 +532,10 @@ def nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
         y = reference_words_linear(x, words, absmax, bias)
     else:
         W = triton_words_dequantize(words, absmax, x.dtype)
-        y = torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
+        pad = -M % PREFILL_M_BUCKET
+        xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
+        y = torch.nn.functional.linear(xp, W, None if bias is None else bias.to(x.dtype))
+        y = y[:M].reshape(*x.shape[:-1], W.shape[0])
     if shrink is not None:
         group_shrink(x2, *shrink)
     return y

@@ -105,6 +105,15 @@ def test_dequant_kernel_slices_and_dispatch(monkeypatch):
     monkeypatch.setenv("QUIVER_FORCE_TRITON", "1")
     big = torch.randn(W.WORDS_MAX_M + 3, 256).to(DEV)  # prefill-sized: dequantize + matmul
     torch.testing.assert_close(W.nf4_words_linear(big, words, w.absmax), big @ full.T, rtol=2e-5, atol=2e-5)
+    seen = []  # the matmul runs over rows padded to the bucket; the caller gets its own rows
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda a, *r: seen.append(a.shape) or linear(a, *r))
+    bias = torch.randn(96).to(DEV)
+    y = W.nf4_words_linear(big.view(1, -1, 256), words, w.absmax, bias)
+    monkeypatch.undo()
+    monkeypatch.setenv("QUIVER_FORCE_TRITON", "1")
+    assert seen == [(192, 256)] and y.shape == (1, W.WORDS_MAX_M + 3, 96)
+    torch.testing.assert_close(y[0], big @ full.T + bias, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(W.nf4_words_linear(x, words, w.absmax), x @ full.T, rtol=2e-5, atol=2e-5)
     monkeypatch.delenv("QUIVER_FORCE_TRITON")
     if not CUDA:  # the reference path

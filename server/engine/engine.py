@@ -264,9 +264,10 @@ class Engine:
             self._collect()  # their last tokens first, as without overlap (one may end them)
         for seq in self.scheduler.refused:
             if seq.request_id in self._handles:
+                free = self.blocks.num_free * self.cfg.block_size
                 self._finish(self._handles[seq.request_id], None, kind="resource_exhausted",
-                             error=f"request outgrew the KV cache: its {seq.num_tokens} tokens (prompt and output so "
-                                   f"far) do not fit in the {self.blocks.num_free * self.cfg.block_size} free token slots")
+                             error=f"request outgrew the KV cache: its {seq.num_tokens} tokens (prompt and "
+                                   f"output so far) do not fit in the {free} free token slots")
         self.scheduler.refused.clear()
         if not scheduled:
             if self._launched is not None:  # running sequences wait for their last tokens
