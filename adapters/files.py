@@ -2,9 +2,6 @@
 
 `read_adapter_dir` refuses pickled weight files, unreadable JSON, non-float tensors, NaN/Inf
 (the last unless the caller checks the staged rows instead: adapters/staging.py);
-`read_safetensors` maps the weights file and returns its tensors as views of the mapping (no
-read into a second buffer: the staging copies read the page cache directly), after checking
-every header entry against the file;
 `parse_key` maps a PEFT tensor name to (layer, projection, rest); `write_adapter_dir` writes
 atomically (temp dir, then rename), so a crash never leaves a half-written adapter.
 Nothing here ever unpickles.
@@ -13,17 +10,14 @@ Nothing here ever unpickles.
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import os
 import re
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from quiver.adapters.weights import AdapterInfo
 from quiver.server.model import PROJECTIONS
@@ -31,10 +25,6 @@ from quiver.server.model import PROJECTIONS
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-MAX_HEADER = 100 << 20  # bytes of JSON header, as the safetensors library allows
 KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+)\.(.+)$")
 
 
@@ -49,8 +39,10 @@ def read_adapter_dir(path: Path, check_finite: bool = True) -> tuple[dict, dict[
     if not w_path.is_file():
         raise AdapterError(f"{path.name}: missing {WEIGHTS_NAME}")
     try:
-        tensors = read_safetensors(w_path)
-    except (ValueError, OSError) as exc:
+        # owned tensors: they outlive the file in the adapter cache, and a file rewritten in
+        # place under a mapping of it could change served weights or crash the server (SIGBUS)
+        tensors = load_file(str(w_path))
+    except Exception as exc:  # safetensors raises its own error types
         raise AdapterError(f"{path.name}: {WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
     for name, t in tensors.items():
         if not t.is_floating_point():
@@ -58,67 +50,6 @@ def read_adapter_dir(path: Path, check_finite: bool = True) -> tuple[dict, dict[
         if check_finite and not is_finite(t):
             raise AdapterError(f"{path.name}: tensor {name} holds NaN or Inf")
     return config, {k: v.float() for k, v in tensors.items()}
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file as views of a private mapping of it (ValueError when
-    the header does not describe the file: bounds, sizes, overlaps, dtypes). Writes to the
-    views stay in this process; the file is replaced, never rewritten in place, by
-    write_adapter_dir, so a mapping always sees one whole version."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise ValueError(f"{size} bytes, shorter than a header")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > min(MAX_HEADER, size - 8):
-            raise ValueError(f"header of {n} bytes in a file of {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"header is not JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        start, data_len = 8 + n, size - 8 - n
-        entries = []
-        for name, e in header.items():
-            if name == "__metadata__":
-                continue
-            entries.append((name, *_entry(name, e, data_len)))
-        entries.sort(key=lambda x: x[3])
-        for (a, *_, a_end), (b, _, _, b_start, _) in zip(entries, entries[1:]):
-            if b_start < a_end:
-                raise ValueError(f"tensors {a!r} and {b!r} overlap")
-        buf = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else None
-    out = {}
-    for name, dtype, shape, lo, hi in entries:
-        count = hi - lo
-        if count == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
-        elif (start + lo) % dtype.itemsize:  # unaligned for its dtype: copy it out
-            out[name] = torch.frombuffer(bytearray(buf[start + lo:start + hi]), dtype=dtype).view(shape)
-        else:
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=count // dtype.itemsize, offset=start + lo).view(shape)
-    return out
-
-
-def _entry(name: str, e, data_len: int) -> tuple[torch.dtype, list[int], int, int]:
-    """(dtype, shape, begin, end) of one header entry, checked against the data's length."""
-    if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
-        raise ValueError(f"header entry {name!r} is not {{dtype, shape, data_offsets}}")
-    dtype = SAFETENSORS_DTYPES.get(e["dtype"])
-    if dtype is None:
-        raise ValueError(f"tensor {name!r} has unknown dtype {e['dtype']!r}")
-    shape, offsets = e["shape"], e["data_offsets"]
-    ints = lambda v, n=None: isinstance(v, list) and (n is None or len(v) == n) and all(  # noqa: E731
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
-    if not ints(shape) or not ints(offsets, 2):
-        raise ValueError(f"tensor {name!r}: shape and data_offsets must be lists of non-negative integers")
-    lo, hi = offsets
-    if not lo <= hi <= data_len:
-        raise ValueError(f"tensor {name!r}: data_offsets {offsets} outside the {data_len} data bytes")
-    if hi - lo != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"tensor {name!r}: {hi - lo} bytes for shape {shape} of {e['dtype']}")
-    return dtype, shape, lo, hi
 
 
 def is_finite(t: torch.Tensor) -> bool:

@@ -2,14 +2,13 @@
 q, k, v, o of a 32-layer 7B-shaped base (a 64 MiB float32 file), a 4-slot pool.
 
 Prints, each the median of 7 after a warm-up:
-  * pieces: pinning 32 MiB (new block / cached), the file read (safetensors' load_file, and
-    Quiver's read_safetensors, with and without the conversion to bf16), the NaN/Inf check per file
+  * pieces: pinning 32 MiB (new block / cached), the file read, the NaN/Inf check per file
     tensor (torch and numpy) and over one staged buffer;
   * the rows of one projection three ways: layer by layer (2 copies per layer), stack + one
     conversion, one multi-tensor copy (staging.lora_rows);
   * whole loads as AdapterManager does them on CUDA (read without the per-tensor check, stage
     into its pinned arena with the check on the staged buffer, row copies run by 8 threads,
-    engine thread), alternated with the same with load_file's read, on 1 thread, and with the previous order (per-tensor
+    engine thread), alternated with the same on 1 thread and with the previous order (per-tensor
     check on read, stage unchecked into a block pinned per adapter, 1 thread), then a profile
     of one stage call.
 
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from quiver.adapters.base import BaseSpec
-from quiver.adapters.files import is_finite, read_safetensors
+from quiver.adapters.files import is_finite
 from quiver.adapters.lora import save_lora
 from quiver.adapters.methods import load_adapter
 from quiver.adapters.pinned import PinnedArena
@@ -70,12 +69,6 @@ def main() -> None:
     path = str(root / "cold" / "adapter_model.safetensors")
     tensors = list(load_file(path).values())
     print("load_file (page cache)", median_ms(lambda: load_file(path)))
-    print("read_safetensors (views of a mapping; page cache)", median_ms(lambda: read_safetensors(path)))
-    flat = torch.empty(sum(x.numel() for x in tensors), dtype=torch.bfloat16)
-    dst = list(flat.split([x.numel() for x in tensors]))
-    for name, read in (("load_file", load_file), ("read_safetensors", read_safetensors)):
-        print(f"{name} + one conversion to bf16", median_ms(
-            lambda: torch._foreach_copy_(dst, [x.view(-1) for x in read(path).values()])))
     print("NaN/Inf check, 256 torch sums", median_ms(lambda: [is_finite(x) for x in tensors]))
     print("NaN/Inf check, 256 numpy sums", median_ms(lambda: [bool(abs(x.numpy().sum()) < float("inf")) for x in tensors]))
     print("NaN/Inf check, one staged 32 MiB bf16 buffer", median_ms(lambda: is_finite(pinned)))
@@ -99,16 +92,13 @@ def main() -> None:
     arena = PinnedArena(1 << 30)
     print("pin the 1 GiB arena (server start)", f"{1e3 * (time.perf_counter() - t):.0f} ms")
     import quiver.adapters.staging as staging
-    import quiver.adapters.files as files
-    mapped = files.read_safetensors
-    ways = {"arena, check on the staged buffer, 8 fill threads": (True, 8, mapped),
-            "the same, file read by safetensors' load_file": (True, 8, lambda p: load_file(str(p))),
-            "arena, check on the staged buffer, 1 fill thread": (True, 1, mapped),
-            "pin per adapter, check per file tensor, 1 fill thread": (False, 1, mapped)}
+    ways = {"arena, check on the staged buffer, 8 fill threads": (True, 8),
+            "arena, check on the staged buffer, 1 fill thread": (True, 1),
+            "pin per adapter, check per file tensor, 1 fill thread": (False, 1)}
     rows = {name: [] for name in ways}
     for i in range(8 * len(ways)):
         name = list(ways)[i % len(ways)]
-        deferred, staging.FILL_THREADS, files.read_safetensors = ways[name]
+        deferred, staging.FILL_THREADS = ways[name]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fresh = load_adapter(root / "cold", base, 16, check_finite=not deferred)
@@ -122,7 +112,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t4 = time.perf_counter()
         rows[name].append((t1 - t0, t2 - t1, t3 - t2, t4 - t2, t4 - t0))
-    staging.FILL_THREADS, files.read_safetensors = 8, mapped
+    staging.FILL_THREADS = 8
     for name in ways:
         cols = list(zip(*rows[name][1:]))  # the first of each is a warm-up
         med = [1e3 * statistics.median(c) for c in cols]
