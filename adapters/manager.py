@@ -207,6 +207,14 @@ class AdapterManager:
         self.pool.on_evict = self._evicted
         self.pool.arena = self.arena
 
+    def reclaim(self) -> bool:
+        """Evicts the resident adapters that no running sequence pins and that hold prefix KV
+        blocks, so that a sequence can have them; True when any block was freed."""
+        idle = [slot for slot in self.prefix_blocks if self.pool.refs[slot] == 0]
+        for slot in idle:
+            self.pool.evict(slot)
+        return bool(idle)
+
     def _evicted(self, slot: int, weights: AdapterWeights) -> None:
         if slot in self.prefix_blocks:
             self.engine.blocks.release(self.prefix_blocks.pop(slot))

@@ -107,6 +107,12 @@ class SlotPool:
         self.slot_of[weights.info.adapter_id] = slot
         return slot
 
+    def evict(self, slot: int) -> None:
+        """Empties a resident slot that no running sequence pins."""
+        assert self.refs[slot] == 0, f"slot {slot} is pinned"
+        del self.slot_of[self.resident[slot].info.adapter_id]
+        self._clear(slot)
+
     def pin(self, slot: int) -> None:
         self.refs[slot] += 1
 

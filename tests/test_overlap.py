@@ -6,6 +6,7 @@ length limits, seeded sampling, cancels and preemption in one run."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import run_to_completion
 from quiver.server.config import EngineConfig, SamplingParams
@@ -254,3 +255,33 @@ def test_a_failing_warm_up_does_not_stop_the_server(fp32_model, monkeypatch):
         assert res.error is None and len(res.token_ids) == 3
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_idle_prefix_blocks_are_reclaimed_before_a_request_is_refused(fp32_model, tmp_path, overlap):
+    """A resident prefix-tuning adapter that no request uses holds KV blocks; a request that
+    needs them gets them (the adapter is evicted, and loads again when asked for)."""
+    from quiver.adapters.base import BaseSpec
+    from quiver.adapters.manager import AdapterConfig, AdapterManager
+    from quiver.adapters.prefix import save
+    from quiver.adapters.weights import AdapterInfo, AdapterWeights
+
+    base = BaseSpec.from_model(fp32_model.model)
+    kv = torch.randn(base.n_layers, 2, 8, base.n_kv_heads, base.head_dim, generator=torch.Generator().manual_seed(0))
+    save(tmp_path / "p", AdapterWeights(AdapterInfo("p", "prefix_tuning"), prefix_kv=kv * 0.1))
+    mgr = AdapterManager(AdapterConfig(str(tmp_path)), base, "", torch.float32, torch.device("cpu"))
+    engine = Engine(fp32_model, EngineConfig(max_model_len=64, block_size=4, num_blocks=8, overlap=overlap),
+                    adapters=mgr)
+    assert engine.cfg.max_model_len == 32
+    first = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=2), adapter=mgr.resolve("p"))
+    _bounded_run(engine)
+    first = first.result()
+    assert first.error is None and engine.blocks.num_free == 6  # 2 blocks: the idle prefix
+    big = engine.submit([5] * 20, SamplingParams(max_new_tokens=10, ignore_eos=True))  # 30 of 32 slots
+    _bounded_run(engine)
+    res = big.result()
+    assert res.error is None and res.finish_reason == "length" and len(res.token_ids) == 10
+    assert not mgr.prefix_blocks and engine.blocks.num_free == engine.blocks.num_blocks
+    again = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=2), adapter=mgr.resolve("p"))
+    _bounded_run(engine)
+    assert again.result().token_ids == first.token_ids

@@ -125,7 +125,8 @@ class Engine:
                           loaded.dtype, loaded.device)
         self.blocks = BlockManager(self.cfg.num_blocks, self.cfg.block_size)
         self.adapters = adapters  # quiver.adapters.manager.AdapterManager, or None
-        self.scheduler = Scheduler(self.cfg, self.blocks, admit=adapters.admit if adapters is not None else None)
+        self.scheduler = Scheduler(self.cfg, self.blocks, admit=adapters.admit if adapters is not None else None,
+                                   reclaim=adapters.reclaim if adapters is not None else None)
         if adapters is not None:
             adapters.bind(self)
         graphs = None
@@ -275,6 +276,8 @@ class Engine:
                 return
             if self.scheduler.running or not self.scheduler.waiting:
                 return
+            if self.scheduler.reclaim is not None and self.scheduler.reclaim():
+                return  # idle adapters' prefix blocks are free now: the next step schedules again
             # nothing fits even with an empty batch: refuse the head of the queue
             handle = self._handles[self.scheduler.waiting[0].request_id]
             self._finish(handle, None, error="request does not fit in the KV cache", kind="resource_exhausted")

@@ -6,8 +6,9 @@ and the KV blocks allow. Long prompts are cut into chunks of at most the remaini
 (chunked prefill), so prefills and decodes share a step. When a running sequence cannot grow,
 the most recently admitted running sequence is preempted: `preempt(seq)` frees its blocks and
 puts it back at the head of the waiting queue to be recomputed later. A sequence that cannot
-grow with no other sequence left to preempt never will: it is moved to `refused` (blocks
-freed) for the engine to fail, instead of preempting itself and being recomputed forever.
+grow with no other sequence left to preempt, and no idle adapter's prefix blocks to reclaim,
+never will: it is moved to `refused` (blocks freed) for the engine to fail, instead of
+preempting itself and being recomputed forever.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, blocks: BlockManager, admit=None):
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager, admit=None, reclaim=None):
         self.cfg = cfg
         self.admit = admit  # admit(seq) -> bool: can seq's adapter be made resident now?
+        self.reclaim = reclaim  # reclaim() -> bool: blocks freed that no sequence holds (idle prefixes)?
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -74,6 +76,8 @@ class Scheduler:
                 continue
             while not self.blocks.can_allocate(seq, seq.num_computed + n):
                 if len(self.running) == 1:  # alone and still too big: no preemption helps
+                    if self.reclaim is not None and self.reclaim():
+                        continue  # idle adapters' prefix blocks were freed: try again
                     self.running.remove(seq)
                     self.blocks.free(seq)
                     seq.status = Status.WAITING  # in neither queue: the engine fails it
