@@ -98,8 +98,8 @@ class SlotPool:
             victim = next((a for a, s in self.slot_of.items() if self.refs[s] == 0), None)
             if victim is None:
                 raise PoolFull(f"all {self.S} adapter slots are in use by running requests")
-            slot = self.slot_of.pop(victim)
-            self._clear(slot)
+            slot = self.slot_of[victim]
+            self.evict(slot)
         self._write(slot, weights)
         if self.arena is not None:
             self.arena.fence(weights)  # its staged range is not reused before these copies are done

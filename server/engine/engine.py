@@ -269,7 +269,9 @@ class Engine:
                 self._finish(self._handles[seq.request_id], None, kind="resource_exhausted",
                              error=f"request outgrew the KV cache: its {seq.num_tokens} tokens (prompt and "
                                    f"output so far) do not fit in the {free} free token slots")
-        self.scheduler.refused.clear()
+        if self.scheduler.refused:
+            self.scheduler.refused.clear()
+            scheduled = [item for item in scheduled if not item.seq.finished]  # as after the prefill collect
         if not scheduled:
             if self._launched is not None:  # running sequences wait for their last tokens
                 self._collect()
