@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from quiver.adapters.mapped import read_safetensors
 from quiver.adapters.weights import AdapterInfo
 from quiver.server.model import PROJECTIONS
 
@@ -32,17 +33,20 @@ class AdapterError(ValueError):
     """The adapter cannot be served; the message says why."""
 
 
-def read_adapter_dir(path: Path, check_finite: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter_dir(path: Path, check_finite: bool = True, mapped: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors as float32). mapped=True: views of a mapping of the weights file
+    (adapters/mapped.py), for a caller that stages them and then drops them (staging.rebase);
+    otherwise owned copies."""
     path = Path(path)
     config = read_config(path)
     w_path = path / WEIGHTS_NAME
     if not w_path.is_file():
         raise AdapterError(f"{path.name}: missing {WEIGHTS_NAME}")
     try:
-        # owned tensors: they outlive the file in the adapter cache, and a file rewritten in
-        # place under a mapping of it could change served weights or crash the server (SIGBUS)
-        tensors = load_file(str(w_path))
-    except Exception as exc:  # safetensors raises its own error types
+        # owned tensors unless mapped: they outlive the file in the adapter cache, and a file
+        # rewritten in place under a mapping of it could change served weights or crash (SIGBUS)
+        tensors = read_safetensors(w_path) if mapped else load_file(str(w_path))
+    except Exception as exc:  # safetensors raises its own error types; the mapped reader ValueError, OSError
         raise AdapterError(f"{path.name}: {WEIGHTS_NAME} is not a readable safetensors file: {exc}") from None
     for name, t in tensors.items():
         if not t.is_floating_point():

@@ -4,8 +4,10 @@ AdapterWeights) -> accelerator slots (SlotPool), plus the engine-side hooks.
 Service side (gRPC threads): `resolve(id)` / `resolve_mix(parts)` read, validate and (on CUDA)
 stage from disk into the CPU tier on the caller's thread, so a cold adapter's disk load never
 stalls the engine; unknown ids raise KeyError (-> NOT_FOUND), invalid files AdapterError. On
-CUDA the staged rows live in a pinned arena (adapters/pinned.py) and the NaN/Inf check runs once
-over them (adapters/staging.py) instead of once per file tensor.
+CUDA the weights file is mapped and read once, by the copies that stage its rows into a pinned
+arena (adapters/pinned.py); the NaN/Inf check runs once over those rows instead of once per
+file tensor, and the CPU tier then keeps the staged rows alone (adapters/staging.py `rebase`),
+with nothing left of the file's mapping.
 Engine side (engine thread): `acquire(seq)` at submission, `admit(seq)` when the scheduler
 wants to start it (copies CPU -> slot, evicting the LRU idle slot; prefix-tuning KV goes into
 shared ref-counted KV blocks), `prepare(scheduled)` builds the step's AdapterBatch,
@@ -30,7 +32,7 @@ from quiver.adapters.methods import load_adapter
 from quiver.adapters.mix import compose, mix_id
 from quiver.adapters.pinned import PinnedArena, to_device
 from quiver.adapters.pool import SlotPool
-from quiver.adapters.staging import stage
+from quiver.adapters.staging import rebase, stage
 from quiver.adapters.weights import AdapterInfo, AdapterWeights
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,20 @@ class AdapterConfig:
             raise ValueError("num_slots, max_rank and cpu_cache must be positive")
         if self.pinned_mib < 0:
             raise ValueError("pinned_mib must be >= 0")
+
+
+def read_staged(path: Path, base: BaseSpec, max_rank: int, base_name: str, device: torch.device, dtype: torch.dtype,
+                rank: int, arena: PinnedArena) -> AdapterWeights:
+    """The request thread's part of a cold load. On CUDA: the file mapped and read without the
+    per-tensor NaN/Inf check, its rows staged into arena (checked there, once), then the
+    adapter rebased onto those rows, so nothing of the file's mapping stays. Elsewhere: an
+    owned, checked read, rows built when a slot takes it."""
+    if device.type != "cuda":
+        return load_adapter(path, base, max_rank, base_name)
+    weights = load_adapter(path, base, max_rank, base_name, check_finite=False, mapped=True)
+    stage(weights, dtype, rank, base.n_layers, base.shapes, True, arena)
+    rebase(weights)
+    return weights
 
 
 class AdapterManager:
@@ -93,10 +109,9 @@ class AdapterManager:
                 return self.cpu[adapter_id]
         if not ID_RE.match(adapter_id) or not (self.root / adapter_id / CONFIG_NAME).is_file():
             raise KeyError(f"adapter {adapter_id!r} not found")
-        staged = self.device.type == "cuda"  # staging checks NaN/Inf once over the staged rows
-        weights = load_adapter(self.root / adapter_id, self.base, self.cfg.max_rank, self.base_name,
-                               check_finite=not staged)
-        self._stage(weights, check=True)  # on the request's thread: the engine thread only starts async copies
+        # on the request's thread: the engine thread only starts async copies
+        weights = read_staged(self.root / adapter_id, self.base, self.cfg.max_rank, self.base_name, self.device,
+                              self.dtype, self.pool.R, self.arena)
         for warning in weights.info.warnings:
             log.warning("adapter %s: %s", adapter_id, warning)
         with self.lock:

@@ -2,7 +2,9 @@
 
 `load_adapter(path, base, max_rank, base_name)` reads a directory and returns AdapterWeights,
 or raises AdapterError with a message that says what to fix. check_finite=False leaves the
-NaN/Inf check to `staging.stage(..., check=True)`, which runs it once over the staged rows.
+NaN/Inf check to `staging.stage(..., check=True)`, which runs it once over the staged rows;
+mapped=True leaves the tensors as views of the mapped file, for a caller that stages them and
+then calls `staging.rebase` (adapters/manager.py on CUDA).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ METHODS = {
 
 
 def load_adapter(path: Path, base: BaseSpec, max_rank: int, base_name: str = "",
-                 check_finite: bool = True) -> AdapterWeights:
+                 check_finite: bool = True, mapped: bool = False) -> AdapterWeights:
     path = Path(path)
-    cfg, tensors = read_adapter_dir(path, check_finite)
+    cfg, tensors = read_adapter_dir(path, check_finite, mapped)
     kind = str(cfg.get("peft_type", "")).upper()
     if kind not in METHODS:
         raise AdapterError(f"{path.name}: peft_type {cfg.get('peft_type')!r} is not served; "

@@ -25,8 +25,8 @@ def compose(parts: list[tuple[AdapterWeights, float]], max_rank: int) -> Adapter
     keys = sorted({k for w, _ in parts for k in w.lora})
     for key in keys:
         deltas = [(w.lora[key], c) for w, c in parts if key in w.lora]
-        a = torch.cat([d.a for d, _ in deltas])
-        b = torch.cat([d.b * (c * d.scale) for d, c in deltas], dim=1)
+        a = torch.cat([d.a.float() for d, _ in deltas])  # staged adapters hold serving-dtype rows
+        b = torch.cat([d.b.float() * (c * d.scale) for d, c in deltas], dim=1)
         if a.shape[0] > max_rank:
             raise AdapterError(f"the mix has rank {a.shape[0]} on {key}, above this server's maximum {max_rank}")
         out.lora[key] = LoraDelta(a, b, 1.0)

@@ -18,6 +18,10 @@ With check=True it also refuses NaN/Inf (AdapterError) with one min/max pass ove
 instead of one per file tensor: this checks what is served, in the serving dtype, so a float32
 value beyond its range (an fp16 overflow) is refused too. Unstaged adapters (CPU serving), or
 staged for another pool rank or dtype, get their rows built at load time instead.
+
+`rebase(w)` then points w's own tensors at those rows (views in the serving dtype) and copies
+the few it serves unstaged: an adapter read as views of its mapped file (adapters/mapped.py)
+keeps nothing of the file, and the CPU tier holds its rows once, not a float32 copy beside them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 
 from quiver.adapters.files import AdapterError, is_finite
 from quiver.adapters.pinned import ALIGN, PinnedArena
-from quiver.adapters.weights import AdapterWeights
+from quiver.adapters.weights import AdapterWeights, Bottleneck, LoraDelta
 
 VECTOR_TABLES = ("in_scale", "out_scale", "out_add")
 SERVED_UNSTAGED = ("bottleneck", "soft prompt")  # AdapterWeights.named_tensors kinds that stage() leaves alone
@@ -168,6 +172,25 @@ def stage(w: AdapterWeights, dtype: torch.dtype, rank: int, n_layers: int, dims:
         if not all(is_finite(t) for t in served):
             w.staged = {}
             raise AdapterError(f"{w.info.adapter_id}: {_non_finite(w, dtype)}")
+
+
+def rebase(w: AdapterWeights) -> None:
+    """After stage(w, ...): w's LoRA deltas, vectors and prefix KV become views of its staged
+    rows (its pinned range stays w's until w is dropped), and its bottleneck and soft-prompt
+    tensors owned copies. Nothing of w then refers to the memory it was read into."""
+    for (layer, name), d in list(w.lora.items()):
+        a, b = w.staged[("lora", name)][:2]
+        w.lora[(layer, name)] = LoraDelta(a[layer, :d.rank], b[layer, :, :d.rank], d.scale)
+    for kind in VECTOR_TABLES:
+        table = getattr(w, kind)
+        for layer, name in list(table):
+            table[(layer, name)] = w.staged[(kind, name)][0][layer]
+    if w.prefix_kv is not None:
+        w.prefix_kv = w.staged[("prefix",)][0]
+    for key, bn in list(w.bottleneck.items()):
+        w.bottleneck[key] = Bottleneck(bn.down.clone(), bn.down_bias.clone(), bn.up.clone(), bn.up_bias.clone(), bn.act)
+    if w.prompt_embeds is not None:
+        w.prompt_embeds = w.prompt_embeds.clone()
 
 
 def _non_finite(w: AdapterWeights, dtype: torch.dtype) -> str:

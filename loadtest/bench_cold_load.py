@@ -2,15 +2,17 @@
 q, k, v, o of a 32-layer 7B-shaped base (a 64 MiB float32 file), a 4-slot pool.
 
 Prints, each the median of 7 after a warm-up:
-  * pieces: pinning 32 MiB (new block / cached), the file read, the NaN/Inf check per file
-    tensor (torch and numpy) and over one staged buffer;
+  * pieces: pinning 32 MiB (new block / cached), the file read (safetensors' load_file, and
+    Quiver's mapped read_safetensors, each also with one conversion to bf16), the NaN/Inf check
+    per file tensor (torch and numpy) and over one staged buffer;
   * the rows of one projection three ways: layer by layer (2 copies per layer), stack + one
     conversion, one multi-tensor copy (staging.lora_rows);
-  * whole loads as AdapterManager does them on CUDA (read without the per-tensor check, stage
-    into its pinned arena with the check on the staged buffer, row copies run by 8 threads,
-    engine thread), alternated with the same on 1 thread and with the previous order (per-tensor
-    check on read, stage unchecked into a block pinned per adapter, 1 thread), then a profile
-    of one stage call.
+  * whole loads as AdapterManager does them on CUDA (the file mapped and read without the
+    per-tensor check, staged into its pinned arena with the check on the staged buffer, row
+    copies run by 8 threads, then rebased onto the staged rows; engine thread), alternated with
+    the same from safetensors' load_file (the path before), on 1 thread, and with the oldest
+    order (per-tensor check on read, stage unchecked into a block pinned per adapter, 1 thread),
+    then a profile of one stage call.
 
     python loadtest/bench_cold_load.py
 """
@@ -25,10 +27,11 @@ import torch
 from quiver.adapters.base import BaseSpec
 from quiver.adapters.files import is_finite
 from quiver.adapters.lora import save_lora
+from quiver.adapters.mapped import read_safetensors
 from quiver.adapters.methods import load_adapter
 from quiver.adapters.pinned import PinnedArena
 from quiver.adapters.pool import SlotPool
-from quiver.adapters.staging import lora_rows, stage
+from quiver.adapters.staging import lora_rows, rebase, stage
 from quiver.loadtest.bench_engine import LLAMA2_7B, random_lora
 
 
@@ -69,6 +72,12 @@ def main() -> None:
     path = str(root / "cold" / "adapter_model.safetensors")
     tensors = list(load_file(path).values())
     print("load_file (page cache)", median_ms(lambda: load_file(path)))
+    print("read_safetensors (views of a mapping; page cache)", median_ms(lambda: read_safetensors(path)))
+    flat = torch.empty(sum(x.numel() for x in tensors), dtype=torch.bfloat16)
+    dst = list(flat.split([x.numel() for x in tensors]))
+    for name, read in (("load_file", load_file), ("read_safetensors", read_safetensors)):
+        print(f"{name} + one conversion to bf16", median_ms(
+            lambda: torch._foreach_copy_(dst, [x.view(-1) for x in read(path).values()])))
     print("NaN/Inf check, 256 torch sums", median_ms(lambda: [is_finite(x) for x in tensors]))
     print("NaN/Inf check, 256 numpy sums", median_ms(lambda: [bool(abs(x.numpy().sum()) < float("inf")) for x in tensors]))
     print("NaN/Inf check, one staged 32 MiB bf16 buffer", median_ms(lambda: is_finite(pinned)))
@@ -92,18 +101,21 @@ def main() -> None:
     arena = PinnedArena(1 << 30)
     print("pin the 1 GiB arena (server start)", f"{1e3 * (time.perf_counter() - t):.0f} ms")
     import quiver.adapters.staging as staging
-    ways = {"arena, check on the staged buffer, 8 fill threads": (True, 8),
-            "arena, check on the staged buffer, 1 fill thread": (True, 1),
-            "pin per adapter, check per file tensor, 1 fill thread": (False, 1)}
+    ways = {"mapped, arena, check on the staged buffer, 8 fill threads, rebased (served)": (True, 8, True),
+            "the same, file read by safetensors' load_file": (True, 8, False),
+            "mapped, arena, check on the staged buffer, 1 fill thread": (True, 1, True),
+            "load_file, pin per adapter, check per file tensor, 1 fill thread": (False, 1, False)}
     rows = {name: [] for name in ways}
     for i in range(8 * len(ways)):
         name = list(ways)[i % len(ways)]
-        deferred, staging.FILL_THREADS = ways[name]
+        deferred, staging.FILL_THREADS, mapped = ways[name]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fresh = load_adapter(root / "cold", base, 16, check_finite=not deferred)
+        fresh = load_adapter(root / "cold", base, 16, check_finite=not deferred, mapped=mapped)
         t1 = time.perf_counter()
         stage(fresh, torch.bfloat16, 16, L, shapes, check=deferred, arena=arena if deferred else None)
+        if mapped:
+            rebase(fresh)
         t2 = time.perf_counter()
         fresh.info.adapter_id = f"c{i}"
         pool.arena = arena if deferred else None
@@ -121,7 +133,7 @@ def main() -> None:
               f"max {1e3 * max(cols[4]):.1f}")
     import cProfile
     import pstats
-    fresh = load_adapter(root / "cold", base, 16, check_finite=False)
+    fresh = load_adapter(root / "cold", base, 16, check_finite=False, mapped=True)
     prof = cProfile.Profile()
     prof.runcall(stage, fresh, torch.bfloat16, 16, L, shapes, check=True, arena=arena)
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)

@@ -243,10 +243,9 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     from pathlib import Path
 
     from quiver.adapters.lora import save_lora
-    from quiver.adapters.methods import load_adapter
+    from quiver.adapters.manager import read_staged
     from quiver.adapters.pinned import PinnedArena
     from quiver.adapters.pool import SlotPool
-    from quiver.adapters.staging import stage
 
     base = BaseSpec.from_model(loaded.model)
     root = Path(tempfile.mkdtemp())
@@ -255,15 +254,12 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     pool = SlotPool(base, 4, rank, loaded.dtype, loaded.device)
     pool.load(w)  # allocate the stacks once, as a warm server has
     pool.arena = arena = PinnedArena((1024 if loaded.device.type == "cuda" else 0) << 20)  # AdapterManager's default
-    disk, read, engine, slot = [], [], [], []
+    disk, engine, slot = [], [], []
     for i in range(repeats):
         sync(loaded.device)
         t0 = time.perf_counter()
-        staged = loaded.device.type == "cuda"  # as AdapterManager does, on the request's thread:
-        fresh = load_adapter(root / "cold", base, rank, check_finite=not staged)  # NaN/Inf checked once, staged
-        read.append(time.perf_counter() - t0)
-        if staged:
-            stage(fresh, loaded.dtype, pool.R, base.n_layers, base.shapes, check=True, arena=arena)
+        # as AdapterManager does on the request's thread (CUDA: mapped, staged with the check, rebased)
+        fresh = read_staged(root / "cold", base, rank, loaded.name, loaded.device, loaded.dtype, pool.R, arena)
         t1 = time.perf_counter()
         fresh.info.adapter_id = f"cold-{i}"
         pool.load(fresh)  # the engine thread: queues the copies
@@ -275,8 +271,7 @@ def cold_load(loaded: LoadedModel, rank: int, targets: list[str], repeats: int =
     size = (root / "cold" / "adapter_model.safetensors").stat().st_size
     med = lambda v: sorted(v)[len(v) // 2] * 1e3  # noqa: E731
     return {"system": "cold-load", "rank": rank, "targets": targets, "file_mib": size / 2**20,
-            "disk_to_cpu_ms": med(disk), "read_validate_ms": med(read),
-            "stage_ms": med([a - b for a, b in zip(disk, read)]), "engine_thread_ms": med(engine),
+            "disk_to_cpu_ms": med(disk), "engine_thread_ms": med(engine),
             "cpu_to_slot_ms": med(slot), "disk_to_slot_ms": med([a + b for a, b in zip(disk, slot)])}
 
 

@@ -149,11 +149,72 @@ def test_staging_check_passes_a_good_adapter(tmp_path, base):
 
 
 
+# ---- the mapped reader (adapters/mapped.py: views of a mapping of the file, for staging) ----
+
+def _raw(header: dict, data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + data
+
+
+def test_read_safetensors_matches_the_safetensors_library(tmp_path):
+    from safetensors.torch import load_file
+
+    from quiver.adapters.mapped import read_safetensors
+
+    t = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 3).bfloat16(),
+         "d": torch.arange(5, dtype=torch.int64), "e": torch.zeros(0, 4), "f": torch.tensor([True, False])}
+    save_file(t, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
+    got, want = read_safetensors(tmp_path / "x.safetensors"), load_file(str(tmp_path / "x.safetensors"))
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    got["a"].mul_(0)  # a private mapping: the file keeps its values
+    assert torch.equal(read_safetensors(tmp_path / "x.safetensors")["a"], t["a"])
+    # an f16 tensor of odd length ahead of an f32 one leaves it unaligned: read by a copy
+    raw = _raw({"h": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+                "w": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]}},
+               torch.ones(3).half().numpy().tobytes() + torch.tensor([1.5, -2.0]).numpy().tobytes())
+    (tmp_path / "u.safetensors").write_bytes(raw)
+    assert read_safetensors(tmp_path / "u.safetensors")["w"].tolist() == [1.5, -2.0]
+
+
+@pytest.mark.parametrize("case,match", [
+    ("short", "shorter than a header"),
+    ("header_too_long", "header of"),
+    ("not_json", "not JSON"),
+    ("not_object", "not a JSON object"),
+    ("unknown_dtype", "unknown dtype"),
+    ("outside", "outside"),
+    ("size_mismatch", "bytes for shape"),
+    ("overlap", "overlap"),
+    ("negative", "non-negative"),
+    ("extra_key", "is not"),
+])
+def test_read_safetensors_refuses_a_header_that_does_not_describe_the_file(tmp_path, base, case, match):
+    f32 = lambda lo, hi, shape: {"dtype": "F32", "shape": shape, "data_offsets": [lo, hi]}  # noqa: E731
+    data = bytes(16)
+    raw = {"short": b"\x01\x00",
+           "header_too_long": (1 << 40).to_bytes(8, "little") + b"{}",
+           "not_json": (4).to_bytes(8, "little") + b"{{{{",
+           "not_object": _raw([1, 2], b""),
+           "unknown_dtype": _raw({"t": {"dtype": "F12", "shape": [1], "data_offsets": [0, 4]}}, data),
+           "outside": _raw({"t": f32(0, 32, [8])}, data),
+           "size_mismatch": _raw({"t": f32(0, 8, [3])}, data),
+           "overlap": _raw({"t": f32(0, 8, [2]), "u": f32(4, 12, [2])}, data),
+           "negative": _raw({"t": f32(0, 4, [-1])}, data),
+           "extra_key": _raw({"t": {**f32(0, 4, [1]), "more": 1}}, data)}[case]
+    d = write(tmp_path / case, lora_cfg(), good_tensors())
+    (d / "adapter_model.safetensors").write_bytes(raw)
+    with pytest.raises(AdapterError, match=f"not a readable safetensors file: .*{match}"):
+        load_adapter(d, base, 16, mapped=True)
+
+
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("raw", [b"\x01\x00", (1 << 40).to_bytes(8, "little") + b"{}", (4).to_bytes(8, "little") + b"{{{{",
                                  (2).to_bytes(8, "little") + b'{"t": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}'],
                          ids=["short", "header_too_long", "not_json", "outside"])
-def test_a_corrupt_weights_file_is_refused(tmp_path, base, raw):
+def test_a_corrupt_weights_file_is_refused(tmp_path, base, raw, mapped):
     d = write(tmp_path / "x", lora_cfg(), good_tensors())
     (d / "adapter_model.safetensors").write_bytes(raw)
     with pytest.raises(AdapterError, match="not a readable safetensors file"):
-        load_adapter(d, base, 16)
+        load_adapter(d, base, 16, mapped=mapped)

@@ -269,3 +269,60 @@ def test_listing_reads_configs_only(fp32_model, suite):
     assert listed["dora"].method == "dora" and listed["lora"].rank == 8 and listed["prefix"].rank == 6
     assert listed["ia3"].method == "ia3" and listed["bottleneck"].method == "bottleneck"
     assert all(i.size_bytes > 0 for i in listed.values())
+
+
+def test_mapped_read_stages_the_same_rows_and_keeps_nothing_of_the_file(fp32_model, suite, monkeypatch):
+    """The accelerator's load path (adapters/manager.py on CUDA): the weights file is mapped
+    (adapters/mapped.py), staged, then rebased (staging.rebase). For every method the staged
+    rows equal those staged from an owned read (safetensors' load_file); after the rebase the
+    adapter holds the staged values and nothing refers to the mapping any more, so a file
+    rewritten later can neither change what is served nor fault the process; a mix composed
+    from rebased adapters is float32 and matches one composed from owned reads."""
+    import gc
+    import mmap
+    import weakref
+
+    from quiver.adapters.methods import load_adapter
+    from quiver.adapters.mix import compose
+    from quiver.adapters.staging import SERVED_UNSTAGED, rebase, stage
+
+    maps = []
+
+    class Tracked(mmap.mmap):
+        def __init__(self, *args, **kwargs):  # mmap.__new__ maps; this only records it
+            maps.append(weakref.ref(self))
+
+    monkeypatch.setattr(mmap, "mmap", Tracked)
+    root = suite[0]
+    base = BaseSpec.from_model(fp32_model.model)
+    names = sorted(p.name for p in root.iterdir())
+    assert len(names) == 9
+    rebased = {}
+    for name in names:
+        owned = load_adapter(root / name, base, 16, check_finite=False)
+        stage(owned, torch.bfloat16, 16, base.n_layers, base.shapes, check=True)
+        w = load_adapter(root / name, base, 16, check_finite=False, mapped=True)
+        stage(w, torch.bfloat16, 16, base.n_layers, base.shapes, check=True)
+        gc.collect()
+        if name == "lora":  # its LoRA tensors are the file's own: views of the mapping until the rebase
+            assert maps[-1]() is not None
+        rebase(w)
+        gc.collect()
+        assert maps[-1]() is None, f"{name}: a tensor still refers to the mapped file"
+        assert w.staged.keys() == owned.staged.keys(), name
+        for key, rows in owned.staged.items():
+            for want, got in zip(rows, w.staged[key]):
+                assert torch.equal(want, got), (name, key)
+        for (kind, key, got), (_, _, want) in zip(w.named_tensors(), owned.named_tensors(), strict=True):
+            if kind in SERVED_UNSTAGED:
+                assert got.dtype == torch.float32 and torch.equal(got, want), (name, kind, key)
+            else:
+                assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16()), (name, kind, key)
+        rebased[name] = (w, owned)
+    mix = compose([(rebased["lora"][0], 0.5), (rebased["rslora"][0], 1.5)], 64)
+    ref = compose([(rebased["lora"][1], 0.5), (rebased["rslora"][1], 1.5)], 64)
+    for key, d in ref.lora.items():
+        got = mix.lora[key]
+        assert got.a.dtype == torch.float32
+        want = d.b @ d.a
+        assert float((got.b @ got.a - want).norm() / want.norm()) < 1e-2, key  # bf16 rows: ~2^-8 each

@@ -19,7 +19,6 @@ def test_time_decode_with_mixed_methods(fp32_model):
 def test_cold_load_reports_both_stages(fp32_model):
     r = bench_engine.cold_load(fp32_model, 4, ["q_proj"], repeats=2)
     assert r["disk_to_cpu_ms"] > 0 and r["cpu_to_slot_ms"] > 0 and r["file_mib"] > 0
-    assert 0 < r["read_validate_ms"] <= r["disk_to_cpu_ms"]
     assert 0 < r["engine_thread_ms"] <= r["cpu_to_slot_ms"] and r["disk_to_slot_ms"] >= r["disk_to_cpu_ms"]
 
 
