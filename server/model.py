@@ -175,15 +175,24 @@ def _sdpa_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ba
     T, H, D = q.shape
     B, Qmax = batch.q_gather.shape
     q_pad = torch.cat([q, q.new_zeros(1, H, D)])[batch.q_gather]  # [B, Qmax, H, D]
-    k = k_cache[batch.kv_gather]  # [B, Lmax, KVH, D]
-    v = v_cache[batch.kv_gather]
+    k = _query_heads(k_cache[batch.kv_gather], H)  # [B, Lmax, H, D]
+    v = _query_heads(v_cache[batch.kv_gather], H)
     with sdpa_kernel(SDPA_BACKENDS):
         out = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=batch.attn_mask, enable_gqa=True,
+            q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=batch.attn_mask,
         )  # [B, H, Qmax, D]
     out = out.transpose(1, 2).reshape(B * Qmax, H * D)
     return out[batch.out_scatter]
+
+
+def _query_heads(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, L, KVH, D] -> [B, L, H, D], each key/value head repeated for its H // KVH query heads
+    (GQA). With a mask, SDPA's memory-efficient kernel takes no enable_gqa and torch falls back
+    to the math path: 6.3x slower on the H200 (docs/results/h200/sdpa_gqa_probe.log)."""
+    B, L, KVH, D = kv.shape
+    if KVH == n_heads:
+        return kv
+    return kv[:, :, :, None].expand(B, L, KVH, n_heads // KVH, D).reshape(B, L, n_heads, D)
 
 
 class LlamaForward(nn.Module):

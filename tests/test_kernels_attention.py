@@ -476,3 +476,39 @@ def test_gpu_cuda_graph_replay(B):
         ref = A.reference_paged_decode_attention(q_s, k, v, tables_s, ctx_s, bs, scale)
         assert_close(out_s, ref, TOL[dtype], f"graph replay {it}")
         assert (out_s[0] == 0).all()
+
+
+@pytest.mark.parametrize("kvh", [32, 8])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_gpu_sdpa_rows_run_a_fused_kernel_with_gqa(kvh):
+    """The eager step's SDPA call (server/model._sdpa_rows, boolean mask) on 32 query heads over
+    32 and over 8 key/value heads: the same values as the paged decode kernel's reference, from
+    a fused attention kernel. With enable_gqa and a mask, torch fell back to the math path
+    (docs/results/h200/sdpa_gqa_probe.log), whose kernels (a float32 GEMM, a softmax) this finds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quiver.server.model import StepBatch, paged_attention
+
+    B, H, D, bs, max_blocks = 8, 32, 128, 16, 8
+    q, k, v, tables, ctx = gpu_case(B, H, kvh, D, bs, max_blocks, torch.bfloat16, seed=5,
+                                    ctx=[max_blocks * bs, 1, bs, bs + 1, 37, 64, 100, 2])
+    lmax = max_blocks * bs
+    pos = torch.arange(lmax, device="cuda")
+    slots = tables[:, pos // bs].long() * bs + pos % bs
+    live = pos[None, :] < ctx[:, None].long()
+    kv_gather = torch.where(live, slots, slots[:, :1])
+    empty = torch.empty(0, dtype=torch.long, device="cuda")
+    batch = StepBatch(q_gather=torch.arange(B, device="cuda")[:, None], out_scatter=torch.arange(B, device="cuda"),
+                      kv_gather=kv_gather, attn_mask=live[:, None, None, :], input_ids=empty, positions=empty,
+                      slot_mapping=empty, sample_index=empty)
+    paged_attention(q, k, v, batch)  # warm up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = paged_attention(q, k, v, batch)
+        torch.cuda.synchronize()
+    ref = A.reference_paged_decode_attention(q, k, v, tables, ctx, bs, D ** -0.5).reshape(B, H * D)
+    assert_close(out, ref, TOL[torch.bfloat16], f"SDPA rows, {kvh} kv heads")
+    names = [e.key for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    assert any("fmha" in n or "flash" in n.lower() for n in names), names
+    assert not any("softmax" in n for n in names), names

@@ -1,0 +1,32 @@
+"""The gRPC server under the load generator with the prefill path's row padding on and off in
+one run (kernels/nf4_words.PREFILL_M_BUCKET = 64, then 1 = none, alternated): as
+`python -m quiver.loadtest.bench_serve --model llama2-7b --layers 32 --quantize nf4 --overlap on`,
+closed loop, 32 requests in flight, 128 prompt and 128 new tokens, no adapters.
+
+    python3 docs/results/h200/serve_bucket_probe.py [--buckets 64,1,64,1] [--warmup 15] [--duration 25]
+"""
+import argparse
+import json
+
+import torch
+
+import quiver.kernels.nf4_words as nf4_words
+from quiver.loadtest.bench_engine import random_llama, word_tokenizer
+from quiver.loadtest.bench_serve import serve_and_load
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--buckets", default="64,1,64,1")
+ap.add_argument("--warmup", type=float, default=15.0)
+ap.add_argument("--duration", type=float, default=25.0)
+ap.add_argument("--layers", type=int, default=32)
+args = ap.parse_args()
+load_args = argparse.Namespace(concurrency=32, max_model_len=1024, warmup=args.warmup, duration=args.duration,
+                               arrival="closed", rate=2.0, input_len="fixed:128", output_len="fixed:128")
+loaded = random_llama(args.layers, "nf4", torch.bfloat16, torch.device("cuda"), tokenizer=word_tokenizer(32000))
+serve_and_load(loaded, "on", load_args, measure=False)  # the first server of a process compiles
+for bucket in [int(b) for b in args.buckets.split(",")]:
+    nf4_words.PREFILL_M_BUCKET = bucket
+    r = serve_and_load(loaded, "on", load_args)
+    print(json.dumps({"m_bucket": bucket, "output_tok_per_s": r["output_tok_per_s"], "ttft_ms": r["ttft_ms"],
+                      "tpot_ms": r["tpot_ms"], "requests": r["requests"], "engine_steps": r["engine_steps"]}),
+          flush=True)
