@@ -42,7 +42,8 @@ def serve_and_load(loaded, overlap: str, args, measure: bool = True) -> dict | N
     from quiver.server.app import Server
 
     cfg = EngineConfig(max_num_seqs=args.concurrency, max_model_len=args.max_model_len,
-                       max_num_batched_tokens=max(512, args.concurrency), overlap=SWITCH[overlap])
+                       max_num_batched_tokens=max(512, args.concurrency), overlap=SWITCH[overlap],
+                       mixed_graphs=SWITCH[args.mixed_graphs])
     server = Server(ServerConfig(port=0), ModelConfig(), cfg, loaded=loaded)
     port = server.start()
     try:
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--input-len", default="fixed:128")
     ap.add_argument("--output-len", default="fixed:128")
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--mixed-graphs", default="auto", choices=tuple(SWITCH),
+                    help="the servers' mixed-step graphs (quiver serve --mixed-graphs)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
     settings = args.overlap.split(",")

@@ -40,6 +40,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
                    help="launch each decode step before the last step's tokens reach the host, so host work "
                         "overlaps the device's (default auto: on with CUDA)")
+    p.add_argument("--mixed-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="steps with a prefill chunk replay captured per-layer graphs around an eager attention "
+                        "instead of launching every op (default auto: on with CUDA)")
     p.add_argument("--warmup", choices=("auto", "on", "off"), default="auto",
                    help="run short requests through the engine at start so the first requests do not wait for "
                         "kernel compilation (default auto: on with CUDA)")
@@ -61,7 +64,8 @@ def serve(args: argparse.Namespace) -> int:
         engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len,
-                                  overlap=SWITCH[args.overlap], warmup=SWITCH[args.warmup])
+                                  overlap=SWITCH[args.overlap], warmup=SWITCH[args.warmup],
+                                  mixed_graphs=SWITCH[args.mixed_graphs])
     except ValueError as exc:  # a flag out of range: say which, no traceback
         print(f"quiver serve: {exc}", file=sys.stderr)
         return 2

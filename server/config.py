@@ -46,6 +46,9 @@ class EngineConfig:
     max_model_len: int = 2048  # prompt + generated tokens of one sequence
     default_max_new_tokens: int = 256
     cuda_graphs: bool = True  # replay CUDA graphs for decode-only steps on CUDA
+    # steps with a prefill chunk replay per-layer graphs around an eager attention
+    # (server/engine/mixed_graphs.py; needs cuda_graphs); None = on CUDA
+    mixed_graphs: bool | None = None
     # launch each step before the last step's tokens reach the host (engine.py); None = on CUDA
     overlap: bool | None = None
     # run short requests of several lengths through the engine at start (Engine.warm_up), so

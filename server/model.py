@@ -131,12 +131,25 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        # norms, rotary + cache write and silu*mul are fused kernels on CUDA (quiver.kernels.fused)
-        T = h.shape[0]
+        q = self.attention_in(h, batch, kv, cos, sin)
+        return self.attention_out(self.attend(q, batch, kv), h, batch)
+
+    # The three parts of a layer: captured mixed-step graphs (server/engine/mixed_graphs.py)
+    # replay the first and the last and run attend() between them.
+    # Norms, rotary + cache write and silu*mul are fused kernels on CUDA (quiver.kernels.fused).
+    def attention_in(self, h: torch.Tensor, batch: StepBatch, kv: KVCache, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+        """Norm, q|k|v with their adapters, rotary; writes k, v to the cache; returns q [T, H*D]."""
         x = rms_norm(h, self.input_norm, self.eps)
         q, k, v = self.group("qkv", x, batch)
-        q = rope_kv(q, k, v, cos, sin, kv.k[self.index], kv.v[self.index], batch.slot_mapping)
-        attn = paged_attention(q.view(T, self.n_heads, self.head_dim), kv.k[self.index], kv.v[self.index], batch)
+        return rope_kv(q, k, v, cos, sin, kv.k[self.index], kv.v[self.index], batch.slot_mapping)
+
+    def attend(self, q: torch.Tensor, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        T = q.shape[0]
+        return paged_attention(q.view(T, self.n_heads, self.head_dim), kv.k[self.index], kv.v[self.index], batch)
+
+    def attention_out(self, attn: torch.Tensor, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """o_proj, the residual and post norm, the SwiGLU MLP: the layer's output [T, hidden]."""
         x, h = add_rms_norm(self.linear("o_proj", attn, batch), h, self.post_norm, self.eps)
         act = silu_mul(*self.group("gate_up", x, batch))
         return h + self.linear("down_proj", act, batch)
@@ -222,12 +235,20 @@ class LlamaForward(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        h, cos, sin = self.embed_step(batch)
+        for layer in self.layers:
+            h = layer(h, batch, kv, cos, sin)
+        return self.logits(h, batch.sample_index)
+
+    def embed_step(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's hidden states [T, hidden] and rotary tables [T, D]."""
         h = F.embedding(batch.input_ids, self.embed)
         if batch.adapters is not None:
             batch.adapters.begin()  # per-step index math runs here, inside a captured CUDA graph
             h = batch.adapters.input_embeds(h)
         cos, sin = self.rotary_tables(batch.positions, h.dtype)
-        for layer in self.layers:
-            h = layer(h, batch, kv, cos, sin)
-        h = rms_norm(h[batch.sample_index], self.norm, self.eps)
+        return h, cos, sin
+
+    def logits(self, h: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(h[sample_index], self.norm, self.eps)
         return F.linear(h, self.lm_head).float()

@@ -321,3 +321,60 @@ def test_arena_range_is_not_reused_while_its_copies_run():
     w3 = adapter(3)
     stage(w3, torch.bfloat16, 16, L, shapes, arena=arena)
     assert in_arena(w3)
+
+
+@pytest.mark.parametrize("quantize,dtype", [("nf4", "bfloat16"), ("none", "float32")])
+def test_cuda_mixed_graphs_equal_eager_steps(tmp_path, quantize, dtype):
+    """Steps with a prefill chunk replay the captured per-layer graphs (server/engine/mixed_graphs.py):
+    with LoRA adapters and base requests, prefills beside running decodes, every token and
+    logits row equals the same engine's with mixed graphs off; the graphs were captured (with
+    and without adapters) and stayed on."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_factory import perturb
+    from conftest import capture_logits, run_to_completion
+    from quiver.adapters.base import BaseSpec
+    from quiver.adapters.manager import AdapterConfig, AdapterManager
+    from quiver.server.config import EngineConfig, SamplingParams
+    from quiver.server.engine.engine import Engine
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = tiny_model_dir(tmp_path, "llama", **SHAPE)
+    loaded = load_model(ModelConfig(model=path, quantize=quantize, dtype=dtype, device="cuda"), keep_hf=True)
+    hf, root = loaded.hf_model, tmp_path / "adapters"
+    for i, r in enumerate((8, 16)):
+        pm = get_peft_model(hf, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+        perturb(pm, i + 1, 0.05)
+        pm.save_pretrained(root / f"lora{r}")
+        hf = pm.unload()
+
+    def run(mixed: bool):
+        manager = AdapterManager(AdapterConfig(str(root)), BaseSpec.from_model(loaded.model), loaded.name,
+                                 loaded.dtype, loaded.device)
+        engine = Engine(loaded, EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=192,
+                                             mixed_graphs=mixed, warmup=False), adapters=manager)
+        rows = capture_logits(engine)
+        names = ["lora8", None, "lora16"]
+        handles = []
+        for j, ids in enumerate(prompts(12)):  # two a step: prefill chunks beside decodes
+            handles.append(engine.submit(ids, SamplingParams(max_new_tokens=8),
+                                         adapter=manager.resolve(names[j % 3]) if names[j % 3] else None))
+            if j % 2:
+                inbox, engine._inbox = engine._inbox, []
+                engine._take(inbox)
+                engine.step()
+        run_to_completion(engine)
+        results = [h.result() for h in handles]
+        assert all(r.error is None for r in results)
+        return engine, [r.token_ids for r in results], [torch.stack(rows[h.seq.request_id]) for h in handles]
+
+    eager, want_tokens, want_rows = run(False)
+    assert eager.runner.mixed is None
+    engine, got_tokens, got_rows = run(True)
+    mixed = engine.runner.mixed
+    assert mixed.enabled and {k[1] for k in mixed.sets} == {False, True}, sorted(mixed.sets)
+    worst = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got_rows, want_rows))
+    assert worst < (2e-2 if dtype == "bfloat16" else 1e-4), worst
+    same = sum(g == w for g, w in zip(got_tokens, want_tokens))
+    assert same >= (len(want_tokens) - 1 if dtype == "bfloat16" else len(want_tokens)), (got_tokens, want_tokens)

@@ -32,6 +32,7 @@ import torch
 from quiver.server.config import EngineConfig, SamplingParams
 from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.graphs import DecodeGraphs
+from quiver.server.engine.mixed_graphs import MixedGraphs
 from quiver.server.engine.output import Detokenizer
 from quiver.server.engine.runner import ModelRunner
 from quiver.server.engine.sampler import make_generator, sample_tokens
@@ -135,7 +136,11 @@ class Engine:
             scratch = self.cfg.num_blocks * self.cfg.block_size
             graphs = DecodeGraphs(m, self.kv, self.cfg.max_num_seqs, self.cfg.max_blocks_per_seq + 8, scratch,
                                   loaded.device)
-        self.runner = ModelRunner(m, self.kv, self.blocks, loaded.device, graphs=graphs, adapters=adapters)
+        mixed = None
+        if graphs is not None and (self.cfg.mixed_graphs is None or self.cfg.mixed_graphs):
+            mixed = MixedGraphs(m, self.kv, self.cfg.max_num_batched_tokens, scratch, loaded.device)
+        self.runner = ModelRunner(m, self.kv, self.blocks, loaded.device, graphs=graphs, adapters=adapters,
+                                  mixed=mixed)
         self._handles: dict[int, RequestHandle] = {}
         self._detok: dict[int, Detokenizer] = {}
         self._gens: dict[int, torch.Generator] = {}

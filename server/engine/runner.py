@@ -3,6 +3,8 @@
 Contract: `ModelRunner.run(scheduled) -> logits [N, vocab]` for the N sequences
 whose scheduled chunk reaches their last known token (those sample a token this step), in
 the order of `scheduled`. Index tensors are built once per step on the model's device.
+A decode-only step replays a decode graph (graphs.py), a step with a prefill chunk the
+mixed-step graphs where they take it (mixed_graphs.py); any other step runs op by op.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from quiver.server.model import KVCache, LlamaForward, StepBatch
 
 class ModelRunner:
     def __init__(self, model: LlamaForward, kv: KVCache, blocks: BlockManager, device: torch.device,
-                 graphs=None, adapters=None):
+                 graphs=None, adapters=None, mixed=None):
         self.model = model
         self.kv = kv
         self.blocks = blocks
         self.device = device
         self.graphs = graphs  # DecodeGraphs on CUDA, or None
+        self.mixed = mixed  # MixedGraphs on CUDA (steps with a prefill chunk), or None
         self.adapters = adapters  # AdapterManager, or None
         # decodes of an eager step read the paged cache (the decode kernel) instead of joining
         # the padded SDPA gather: on CUDA, where the kernel is Triton (CPU: its reference)
@@ -130,5 +133,21 @@ class ModelRunner:
                 prefix_blocks=m.prefix_block_list if m is not None else (lambda seq: []),
                 pool_version=m.pool.version if m is not None else 0, feed=feed,
             )
+        if self.mixed is not None and self.mixed.eligible(scheduled):
+            logits = self._run_mixed(scheduled, feed)
+            if logits is not None:
+                return logits
         adapters, prefix_slots = self.adapters.prepare(scheduled) if self.adapters is not None else (None, None)
         return self.model(self.build(scheduled, adapters, prefix_slots, feed), self.kv)
+
+    def _run_mixed(self, scheduled: list[Scheduled], feed: torch.Tensor | None) -> torch.Tensor | None:
+        """A step with a prefill chunk through the mixed-step graphs (None: they are off now)."""
+        m = self.adapters
+        prefix_slots = [m.prefix_slots(item.seq) for item in scheduled] if m is not None else None
+        batch = self.build(scheduled, None, prefix_slots, feed)
+        token_slots = None
+        if m is not None and any(item.seq.slot is not None for item in scheduled):
+            token_slots = [-1 if item.seq.slot is None else item.seq.slot
+                           for item in scheduled for _ in range(item.num_tokens)]
+        return self.mixed.run(batch, token_slots, m.graph_batch if m is not None else None,
+                              m.pool.version if m is not None else 0)

@@ -3,14 +3,15 @@ random tokens and `--new` new tokens, a new one submitted as each finishes; per-
 by kind (graph replay vs eager step with a prefill), overlapped steps on and off.
 
     python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600 [--profile-eager]
-        [--batched-tokens 512,128] [--sdpa quiver,all] [--split on,off] [--m-bucket 64,1]
+        [--batched-tokens 512,128] [--sdpa quiver,all] [--split on,off] [--m-bucket 64,1] [--mixed on,off]
 
 Runs: overlap on (cold), off, on (warm) at the first --batched-tokens value (the step's token
 budget, max_num_batched_tokens) and --sdpa value, then overlap on at each further value of
 either, then at the first values again. --sdpa: the eager path's attention backends, `quiver`
 (server/model.SDPA_BACKENDS) or `all` (torch's own choice, cuDNN included); --split: an eager
 step's decode rows through the paged decode kernel (ModelRunner.split_decodes) or in the SDPA call;
---m-bucket: the prefill path's row padding (kernels/nf4_words.PREFILL_M_BUCKET; 1 = none).
+--m-bucket: the prefill path's row padding (kernels/nf4_words.PREFILL_M_BUCKET; 1 = none);
+--mixed: steps with a prefill chunk through the mixed-step graphs (EngineConfig.mixed_graphs) or op by op.
 
 --profile-eager: after the runs, one more eager step (a new prompt beside the running decodes)
 under torch.profiler: its host time and the kernels' time, by op.
@@ -42,23 +43,26 @@ ap.add_argument("--batched-tokens", default="512", help="comma list of max_num_b
 ap.add_argument("--sdpa", default="quiver", help="comma list of quiver | all")
 ap.add_argument("--split", default="on", help="comma list of on | off: an eager step's decodes through the decode kernel")
 ap.add_argument("--m-bucket", default=str(nf4_words.PREFILL_M_BUCKET), help="comma list: prefill path row padding")
+ap.add_argument("--mixed", default="on", help="comma list of on | off: mixed-step graphs")
 args = ap.parse_args()
 device = torch.device(args.device)
 loaded = random_llama(args.layers, "nf4", torch.bfloat16 if device.type == "cuda" else torch.float32, device)
 out = {}
 budgets = [int(b) for b in args.batched_tokens.split(",")]
 sdpas, splits, buckets = args.sdpa.split(","), args.split.split(","), [int(m) for m in args.m_bucket.split(",")]
-b0, s0, p0, m0 = budgets[0], sdpas[0], splits[0], buckets[0]
-runs = [(True, b0, s0, p0, m0), (False, b0, s0, p0, m0), (True, b0, s0, p0, m0)]
-runs += [(True, b, s0, p0, m0) for b in budgets[1:]] + [(True, b0, s, p0, m0) for s in sdpas[1:]]
-runs += [(True, b0, s0, p, m0) for p in splits[1:]] + [(True, b0, s0, p0, m) for m in buckets[1:]]
-runs += [(True, b0, s0, p0, m0)] if len(budgets) + len(sdpas) + len(splits) + len(buckets) > 4 else []
+mixeds = args.mixed.split(",")
+b0, s0, p0, m0, x0 = budgets[0], sdpas[0], splits[0], buckets[0], mixeds[0]
+runs = [(True, b0, s0, p0, m0, x0), (False, b0, s0, p0, m0, x0), (True, b0, s0, p0, m0, x0)]
+runs += [(True, b, s0, p0, m0, x0) for b in budgets[1:]] + [(True, b0, s, p0, m0, x0) for s in sdpas[1:]]
+runs += [(True, b0, s0, p, m0, x0) for p in splits[1:]] + [(True, b0, s0, p0, m, x0) for m in buckets[1:]]
+runs += [(True, b0, s0, p0, m0, x) for x in mixeds[1:]]
+runs += [(True, b0, s0, p0, m0, x0)] if len(budgets) + len(sdpas) + len(splits) + len(buckets) + len(mixeds) > 5 else []
 QUIVER_SDPA = list(model_mod.SDPA_BACKENDS)
-for overlap, budget, sdpa, split, bucket in runs:
+for overlap, budget, sdpa, split, bucket, mixed in runs:
     nf4_words.PREFILL_M_BUCKET = bucket
     model_mod.SDPA_BACKENDS = QUIVER_SDPA if sdpa == "quiver" else [SDPBackend.CUDNN_ATTENTION] + QUIVER_SDPA
     e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap,
-                                    max_num_batched_tokens=budget))
+                                    max_num_batched_tokens=budget, mixed_graphs=mixed == "on"))
     e.runner.split_decodes = split == "on"
     if e.runner.graphs is not None:
         e.runner.graphs.capture_all()
@@ -106,13 +110,13 @@ for overlap, budget, sdpa, split, bucket in runs:
     wall = time.perf_counter() - t_all
     row = {k: {"n": len(v), "mean_ms": sum(v) / len(v), "max_ms": max(v)} for k, v in times.items()}
     row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3, tokens=tokens,
-               tok_s=tokens / wall, batched_tokens=budget, sdpa=sdpa, split=split, m_bucket=bucket)
-    key = f"overlap={overlap},budget={budget},sdpa={sdpa},split={split},m_bucket={bucket}"
+               tok_s=tokens / wall, batched_tokens=budget, sdpa=sdpa, split=split, m_bucket=bucket, mixed=mixed)
+    key = f"overlap={overlap},budget={budget},sdpa={sdpa},split={split},m_bucket={bucket},mixed={mixed}"
     seen = sum(k.split("#")[0] == key for k in out)
     key += f"#{seen + 1}" if seen else ""
     out[key] = row
     print(key, json.dumps(row), flush=True)
-    if args.profile_eager and key == f"overlap=True,budget={b0},sdpa={s0},split={p0},m_bucket={m0}#2":
+    if args.profile_eager and key == f"overlap=True,budget={b0},sdpa={s0},split={p0},m_bucket={m0},mixed={x0}#2":
         from torch.profiler import ProfilerActivity, profile
 
         e._collect()

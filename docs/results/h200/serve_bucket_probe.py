@@ -1,9 +1,10 @@
 """The gRPC server under the load generator with the prefill path's row padding on and off in
-one run (kernels/nf4_words.PREFILL_M_BUCKET = 64, then 1 = none, alternated): as
+one run (kernels/nf4_words.PREFILL_M_BUCKET = 64, then 1 = none, alternated), or with the
+mixed-step graphs on and off (--mixed on,off,on,off; the padding then stays at 64): as
 `python -m quiver.loadtest.bench_serve --model llama2-7b --layers 32 --quantize nf4 --overlap on`,
 closed loop, 32 requests in flight, 128 prompt and 128 new tokens, no adapters.
 
-    python3 docs/results/h200/serve_bucket_probe.py [--buckets 64,1,64,1] [--warmup 15] [--duration 25]
+    python3 docs/results/h200/serve_bucket_probe.py [--buckets 64,1,64,1 | --mixed on,off,on,off] [--warmup 15] [--duration 25]
 """
 import argparse
 import json
@@ -19,14 +20,21 @@ ap.add_argument("--buckets", default="64,1,64,1")
 ap.add_argument("--warmup", type=float, default=15.0)
 ap.add_argument("--duration", type=float, default=25.0)
 ap.add_argument("--layers", type=int, default=32)
+ap.add_argument("--mixed", default=None, help="comma list of on | off: mixed-step graphs, alternated instead of --buckets")
 args = ap.parse_args()
 load_args = argparse.Namespace(concurrency=32, max_model_len=1024, warmup=args.warmup, duration=args.duration,
-                               arrival="closed", rate=2.0, input_len="fixed:128", output_len="fixed:128")
+                               arrival="closed", rate=2.0, input_len="fixed:128", output_len="fixed:128",
+                               mixed_graphs="auto")
 loaded = random_llama(args.layers, "nf4", torch.bfloat16, torch.device("cuda"), tokenizer=word_tokenizer(32000))
 serve_and_load(loaded, "on", load_args, measure=False)  # the first server of a process compiles
-for bucket in [int(b) for b in args.buckets.split(",")]:
-    nf4_words.PREFILL_M_BUCKET = bucket
+settings = [("m_bucket", int(b)) for b in args.buckets.split(",")] if args.mixed is None else \
+    [("mixed_graphs", m) for m in args.mixed.split(",")]
+for name, value in settings:
+    if name == "m_bucket":
+        nf4_words.PREFILL_M_BUCKET = value
+    else:
+        load_args.mixed_graphs = value
     r = serve_and_load(loaded, "on", load_args)
-    print(json.dumps({"m_bucket": bucket, "output_tok_per_s": r["output_tok_per_s"], "ttft_ms": r["ttft_ms"],
+    print(json.dumps({name: value, "output_tok_per_s": r["output_tok_per_s"], "ttft_ms": r["ttft_ms"],
                       "tpot_ms": r["tpot_ms"], "requests": r["requests"], "engine_steps": r["engine_steps"]}),
           flush=True)
