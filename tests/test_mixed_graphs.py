@@ -90,3 +90,32 @@ def test_mixed_steps_through_the_pieces_equal_the_eager_engine(fp32_model, adapt
     mixed = [(t, adapters) for t, adapters in calls if t > 8]  # on the CPU decode steps take this path too
     assert len(mixed) >= 4 and any(adapters for _, adapters in mixed)
     assert len({-(-t // 64) for t, _ in mixed}) == 2, "steps in both token buckets (64, 128)"
+
+
+def test_capture_all_then_a_failed_capture_runs_steps_eagerly(fp32_model, monkeypatch):
+    """capture_all captures every token bucket without adapters, largest first, once; a capture
+    that fails switches mixed graphs off and the step runs op by op, with the same tokens."""
+    engine = Engine(fp32_model, EngineConfig(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=160))
+    scratch = engine.cfg.num_blocks * engine.cfg.block_size
+    mg = MixedGraphs(fp32_model.model, engine.kv, 160, scratch, torch.device("cpu"), capture=False)
+    order, real = [], mg._capture
+    monkeypatch.setattr(mg, "_capture", lambda bucket, adapters: order.append(bucket) or real(bucket, adapters))
+    assert mg.buckets == [64, 128, 192]
+    assert mg.capture_all() == 3 and order == [192, 128, 64]
+    assert mg.capture_all() == 3 and len(order) == 3
+
+    ids = list(range(100, 140))
+    want = engine.submit(ids, SamplingParams(max_new_tokens=4))
+    run_to_completion(engine)
+    failing = MixedGraphs(fp32_model.model, engine.kv, 160, scratch, torch.device("cpu"), capture=False)
+
+    def fail(bucket, adapters):
+        raise RuntimeError("op not capturable")
+
+    monkeypatch.setattr(failing, "_capture", fail)
+    engine.runner.mixed = failing
+    got = engine.submit(ids, SamplingParams(max_new_tokens=4))
+    run_to_completion(engine)
+    got, want = got.result(), want.result()  # a handle's result is taken once
+    assert not failing.enabled and got.error is None and want.error is None
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 4

@@ -11,8 +11,9 @@ stay on the device, and the next step is scheduled and launched before they reac
 its input ids are placeholders that the device fills from those tokens (sequence.py). The
 host then takes the tokens, streams them and checks the stop conditions while the device
 runs that next step, so the device does not wait for host work. A step with a prefill chunk
-takes the tokens before it is launched instead (it is launched op by op and bound by the
-host; its long launch would hold back the tokens, often first tokens). The costs: a sequence
+takes the tokens before it is launched instead (its attention is launched op by op, around
+the mixed-step graphs or with every other op where they are off, and bound by the host; that
+long launch would hold back the tokens, often first tokens). The costs: a sequence
 that stops on EOS, a stop string or a cancel has had one more token computed, which is
 dropped; and a request may share its batch with a stopped sequence one step longer, or be
 admitted one step later. Given the same logits a step samples the same tokens (seeded
@@ -43,8 +44,10 @@ from quiver.server.model import KVCache
 
 log = logging.getLogger(__name__)
 
-# Prompt lengths of the start-up warm-up (Engine.warm_up): one eager step each, across the NF4
-# word kernel's batch-row buckets (<= 16, 32, 64, 128, and the dequantize + cuBLAS path above).
+# Prompt lengths of the start-up warm-up (Engine.warm_up): one step with a prefill each, across
+# the NF4 word kernel's batch-row buckets (<= 16, 32, 64, 128, and the dequantize + cuBLAS path
+# above); the attention kernels of those shapes compile then (the mixed-step graphs are captured
+# before, by MixedGraphs.capture_all).
 WARMUP_PROMPTS = (8, 24, 48, 100, 200)
 
 
@@ -181,6 +184,11 @@ class Engine:
             t0 = time.monotonic()
             n = graphs.capture_all()
             log.info("captured %d decode CUDA graphs in %.1f s", n, time.monotonic() - t0)
+        mixed = self.runner.mixed
+        if mixed is not None:  # and the mixed-step graphs of every token bucket
+            t0 = time.monotonic()
+            n = mixed.capture_all()
+            log.info("captured the mixed-step CUDA graphs of %d token buckets in %.1f s", n, time.monotonic() - t0)
         warm = self.cfg.warmup
         if warm or (warm is None and self.loaded.device.type == "cuda"):
             t0 = time.monotonic()

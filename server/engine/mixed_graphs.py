@@ -18,8 +18,9 @@ no soft prompt being prefilled (its embeddings are written per step). `run(batch
 adapter_batch_factory, pool_version) -> logits | None`: batch is the step's eager StepBatch
 without adapters (its attention fields and sample_index); the tokens go into static buffers of
 the smallest bucket >= T (padding rows: token 0, position 0, the scratch KV slot, no adapter).
-A key's graphs are captured on its first use. If a capture fails, mixed graphs are switched
-off and run returns None: the caller runs the step eagerly, as it does from then on.
+`capture_all()` captures every bucket's graphs without adapters (the engine does it when it
+starts); a key with adapters is captured on its first use. If a capture fails, mixed graphs
+are switched off and run returns None: the caller runs the step eagerly, as from then on.
 capture=False (tests on the CPU) calls the pieces instead of replaying captured graphs: the
 same buffers, padding and order, without CUDA.
 """
@@ -75,11 +76,7 @@ class MixedGraphs:
                 for stale in [k for k in self.sets if k[1] and k[2] != key[2]]:
                     del self.sets[stale]
             adapters = adapter_batch_factory(self.token_slot[:bucket]) if use_adapters else None
-            try:
-                self.sets[key] = self._capture(bucket, adapters)
-            except Exception as exc:
-                log.warning("mixed-step CUDA graph capture failed (%s); mixed steps run eagerly", exc)
-                self.enabled = False
+            if not self._try_capture(key, bucket, adapters):
                 return None
         self._fill(batch, token_slots, T, bucket)
         graphs = self.sets[key]
@@ -89,6 +86,25 @@ class MixedGraphs:
             self.attn[:T] = layer.attend(self.q[:T], batch, self.kv)
             graphs[2 + 2 * i].replay()
         return self.model.logits(self.h, batch.sample_index)
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Captures the no-adapter graphs of every bucket, largest first, so that no step stalls
+        on those captures while serving (graphs with adapters are captured on first use, as the
+        pool's version names them). Returns the number of buckets captured."""
+        for bucket in sorted(self.buckets, reverse=True):
+            if self.enabled and (bucket, False, 0) not in self.sets:
+                self._try_capture((bucket, False, 0), bucket, None)
+        return sum(1 for key in self.sets if not key[1])
+
+    def _try_capture(self, key: tuple, bucket: int, adapters) -> bool:
+        try:
+            self.sets[key] = self._capture(bucket, adapters)
+            return True
+        except Exception as exc:  # an op that cannot be captured: mixed steps run eagerly from now on
+            log.warning("mixed-step CUDA graph capture failed (%s); mixed steps run eagerly", exc)
+            self.enabled = False
+            return False
 
     def _fill(self, batch: StepBatch, token_slots: list[int] | None, T: int, bucket: int) -> None:
         self.input_ids[:T], self.positions[:T], self.slot_mapping[:T] = batch.input_ids, batch.positions, batch.slot_mapping

@@ -66,6 +66,8 @@ for overlap, budget, sdpa, split, bucket, mixed in runs:
     e.runner.split_decodes = split == "on"
     if e.runner.graphs is not None:
         e.runner.graphs.capture_all()
+    if e.runner.mixed is not None:  # as Engine.start does (closed_loop_r12_mixed.log ran before it did)
+        e.runner.mixed.capture_all()
     g = torch.Generator().manual_seed(0)
     live = []
 
