@@ -101,6 +101,8 @@ def test_capture_all_then_a_failed_capture_runs_steps_eagerly(fp32_model, monkey
     order, real = [], mg._capture
     monkeypatch.setattr(mg, "_capture", lambda bucket, adapters: order.append(bucket) or real(bucket, adapters))
     assert mg.buckets == [64, 128, 192]
+    big = MixedGraphs(fp32_model.model, engine.kv, 8192, scratch, torch.device("cpu"), capture=False)
+    assert big.buckets[-1] == 1024 and len(big.buckets) == 16  # larger steps run eagerly
     assert mg.capture_all() == 3 and order == [192, 128, 64]
     assert mg.capture_all() == 3 and len(order) == 3
 

@@ -13,7 +13,8 @@ then the LM head, eager, on the sampled rows. An eager mixed step launches every
 (tens of ms of host time for about 15 ms of GPU time on a 7B model, docs/BENCHMARKS.md);
 here the host launches the attention ops and replays the rest.
 
-Contract: `eligible(scheduled)`: enabled (CUDA), the step's tokens within the largest bucket,
+Contract: `eligible(scheduled)`: enabled (CUDA), the step's tokens within the largest bucket
+(max_num_batched_tokens rounded up to STEP, at most MAX_TOKENS),
 no soft prompt being prefilled (its embeddings are written per step). `run(batch, token_slots,
 adapter_batch_factory, pool_version) -> logits | None`: batch is the step's eager StepBatch
 without adapters (its attention fields and sample_index); the tokens go into static buffers of
@@ -37,13 +38,14 @@ from quiver.server.model import KVCache, LlamaForward, StepBatch
 log = logging.getLogger(__name__)
 
 STEP = 64  # token buckets are multiples of this, as the prefill path's rows (kernels/nf4_words.PREFILL_M_BUCKET)
+MAX_TOKENS = 1024  # the largest bucket: larger steps run eagerly (their GPU time grows, their launch does not)
 
 
 class MixedGraphs:
     def __init__(self, model: LlamaForward, kv: KVCache, max_tokens: int, scratch_slot: int, device: torch.device,
                  capture: bool = True):
         self.model, self.kv, self.device, self.capture = model, kv, device, capture
-        self.buckets = list(range(STEP, -(-max_tokens // STEP) * STEP + 1, STEP))
+        self.buckets = list(range(STEP, -(-min(max_tokens, MAX_TOKENS) // STEP) * STEP + 1, STEP))
         self.scratch_slot = scratch_slot
         n, dt = self.buckets[-1], model.embed.dtype
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
