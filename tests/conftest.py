@@ -61,6 +61,21 @@ def run_to_completion(engine) -> None:
         engine.step()
 
 
+def run_staggered(engine, prompts, refs, params) -> list:
+    """Submits prompts two a step into an engine that was not started (prefill chunks beside
+    running decodes), prompt i with adapter refs[i] (or None), and runs it until idle; returns
+    the handles (a handle's result is taken once)."""
+    handles = []
+    for j, (ids, ref) in enumerate(zip(prompts, refs)):
+        handles.append(engine.submit(ids, params, adapter=ref))
+        if j % 2:
+            inbox, engine._inbox = engine._inbox, []
+            engine._take(inbox)
+            engine.step()
+    run_to_completion(engine)
+    return handles
+
+
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
 

@@ -332,7 +332,7 @@ def test_cuda_mixed_graphs_equal_eager_steps(tmp_path, quantize, dtype):
     from peft import LoraConfig, get_peft_model
 
     from adapter_factory import perturb
-    from conftest import capture_logits, run_to_completion
+    from conftest import capture_logits, run_staggered
     from quiver.adapters.base import BaseSpec
     from quiver.adapters.manager import AdapterConfig, AdapterManager
     from quiver.server.config import EngineConfig, SamplingParams
@@ -356,15 +356,8 @@ def test_cuda_mixed_graphs_equal_eager_steps(tmp_path, quantize, dtype):
                                              mixed_graphs=mixed, warmup=False), adapters=manager)
         rows = capture_logits(engine)
         names = ["lora8", None, "lora16"]
-        handles = []
-        for j, ids in enumerate(prompts(12)):  # two a step: prefill chunks beside decodes
-            handles.append(engine.submit(ids, SamplingParams(max_new_tokens=8),
-                                         adapter=manager.resolve(names[j % 3]) if names[j % 3] else None))
-            if j % 2:
-                inbox, engine._inbox = engine._inbox, []
-                engine._take(inbox)
-                engine.step()
-        run_to_completion(engine)
+        refs = [manager.resolve(names[j % 3]) if names[j % 3] else None for j in range(12)]
+        handles = run_staggered(engine, prompts(12), refs, SamplingParams(max_new_tokens=8))
         results = [h.result() for h in handles]
         assert all(r.error is None for r in results)
         return engine, [r.token_ids for r in results], [torch.stack(rows[h.seq.request_id]) for h in handles]

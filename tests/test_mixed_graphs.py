@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from adapter_factory import bitfit_deltas, bottleneck_blocks
-from conftest import capture_logits, run_to_completion
+from conftest import capture_logits, run_staggered, run_to_completion
 from quiver.adapters import bitfit, bottleneck, ia3, prefix, prompt
 from quiver.adapters.base import BaseSpec
 from quiver.adapters.lora import save_lora
@@ -65,16 +65,8 @@ def run(fp32_model, root, mixed: bool, split: bool):
     rows = capture_logits(engine)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 40000, (int(n),), generator=g).tolist() for n in torch.randint(4, 60, (14,), generator=g)]
-    handles = []
-    for i, ids in enumerate(prompts):  # two new requests a step: prefill chunks beside decodes
-        name = NAMES[i % len(NAMES)]
-        ref = manager.resolve(name) if name else None
-        handles.append(engine.submit(ids, SamplingParams(max_new_tokens=6), adapter=ref))
-        if i % 2:
-            inbox, engine._inbox = engine._inbox, []
-            engine._take(inbox)
-            engine.step()
-    run_to_completion(engine)
+    refs = [manager.resolve(NAMES[i % len(NAMES)]) if NAMES[i % len(NAMES)] else None for i in range(len(prompts))]
+    handles = run_staggered(engine, prompts, refs, SamplingParams(max_new_tokens=6))
     results = [h.result() for h in handles]
     assert all(r.error is None for r in results)
     return [r.token_ids for r in results], [rows[h.seq.request_id] for h in handles], calls

@@ -31,6 +31,16 @@ def buckets_up_to(n: int) -> list[int]:
     return out + [n]
 
 
+def graph_key(cache: dict, bucket: int, use_adapters: bool, pool_version: int) -> tuple:
+    """The key of a step's graphs in cache: (bucket, adapters on/off, pool version). Graphs
+    over an older pool version are never replayed again: a new version's first key frees them."""
+    key = (bucket, use_adapters, pool_version if use_adapters else 0)
+    if use_adapters and key not in cache:
+        for stale in [k for k in cache if k[1] and k[2] != key[2]]:
+            del cache[stale]
+    return key
+
+
 class DecodeGraphs:
     def __init__(self, model: LlamaForward, kv: KVCache, max_batch: int, max_blocks: int, scratch_slot: int,
                  device: torch.device):
@@ -142,11 +152,8 @@ class DecodeGraphs:
         bucket = next(b for b in self.buckets if b >= n)
         self.fill(scheduled, blocks, prefix_blocks, feed)
         use_adapters = any(item.seq.slot is not None for item in scheduled)
-        key = (bucket, use_adapters, pool_version if use_adapters else 0)
+        key = graph_key(self.graphs, bucket, use_adapters, pool_version)
         if key not in self.graphs:
-            if use_adapters:  # graphs over an older pool version are never replayed again: free them
-                for stale in [k for k in self.graphs if k[1] and k[2] != key[2]]:
-                    del self.graphs[stale]
             adapters = adapter_batch_factory(self.token_slot[:bucket]) if use_adapters else None
             if not self._try_capture(key, bucket, adapters):
                 return self.model(self._batch(bucket, adapters), self.kv)[:n]

@@ -33,6 +33,7 @@ import logging
 import torch
 
 from quiver.adapters.pinned import to_device
+from quiver.server.engine.graphs import graph_key
 from quiver.server.model import KVCache, LlamaForward, StepBatch
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,8 @@ class MixedGraphs:
         T = batch.input_ids.shape[0]
         bucket = next(b for b in self.buckets if b >= T)
         use_adapters = token_slots is not None
-        key = (bucket, use_adapters, pool_version if use_adapters else 0)
+        key = graph_key(self.sets, bucket, use_adapters, pool_version)
         if key not in self.sets:
-            if use_adapters:  # graphs over an older pool version are never replayed again: free them
-                for stale in [k for k in self.sets if k[1] and k[2] != key[2]]:
-                    del self.sets[stale]
             adapters = adapter_batch_factory(self.token_slot[:bucket]) if use_adapters else None
             if not self._try_capture(key, bucket, adapters):
                 return None
