@@ -70,6 +70,9 @@ class SlotPool:
         self.out_add: dict[Key, torch.Tensor] = {}
         self.resident: dict[int, AdapterWeights] = {}
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
+        # slots whose weights were superseded by newer weights of the same id while running
+        # sequences pinned them: resident, under no id, evicted first once unpinned
+        self.stale: set[int] = set()
         self.refs = [0] * num_slots
         self.version = 0  # bumped whenever a new stack is allocated (and when lora_rank grows)
         # the LoRA ranks the kernels cover: the smallest power of two >= MIN_LORA_RANK and >= the
@@ -89,16 +92,25 @@ class SlotPool:
         return slot
 
     def can_load(self) -> bool:
-        return len(self.slot_of) < self.S or any(self.refs[s] == 0 for s in self.slot_of.values())
+        return len(self.resident) < self.S or any(self.refs[s] == 0 for s in self.resident)
 
     def load(self, weights: AdapterWeights) -> int:
-        if len(self.slot_of) < self.S:
+        """Writes weights into a free slot, else into the least recently used unpinned one
+        (stale slots first). Weights of an id already resident under other weights (the CPU
+        tier dropped and read it again, or two request threads read it at once) supersede
+        them: the old slot is emptied now, or once the sequences that pin it are done."""
+        old = self.slot_of.pop(weights.info.adapter_id, None)
+        if old is not None:
+            self.stale.add(old)
+            if self.refs[old] == 0:
+                self.evict(old)
+        if len(self.resident) < self.S:
             slot = next(s for s in range(self.S) if s not in self.resident)
         else:
-            victim = next((a for a, s in self.slot_of.items() if self.refs[s] == 0), None)
-            if victim is None:
+            unpinned = [s for s in self.stale if self.refs[s] == 0] + [s for s in self.slot_of.values() if self.refs[s] == 0]
+            if not unpinned:
                 raise PoolFull(f"all {self.S} adapter slots are in use by running requests")
-            slot = self.slot_of[victim]
+            slot = unpinned[0]
             self.evict(slot)
         self._write(slot, weights)
         if self.arena is not None:
@@ -110,7 +122,10 @@ class SlotPool:
     def evict(self, slot: int) -> None:
         """Empties a resident slot that no running sequence pins."""
         assert self.refs[slot] == 0, f"slot {slot} is pinned"
-        del self.slot_of[self.resident[slot].info.adapter_id]
+        if slot in self.stale:
+            self.stale.discard(slot)
+        else:
+            del self.slot_of[self.resident[slot].info.adapter_id]
         self._clear(slot)
 
     def pin(self, slot: int) -> None:

@@ -85,8 +85,11 @@ def test_mixed_steps_through_the_pieces_equal_the_eager_engine(fp32_model, adapt
 
 
 def test_capture_all_then_a_failed_capture_runs_steps_eagerly(fp32_model, monkeypatch):
-    """capture_all captures every token bucket without adapters, largest first, once; a capture
-    that fails switches mixed graphs off and the step runs op by op, with the same tokens."""
+    """capture_all captures every token bucket without adapters, largest first, once; a step
+    whose capture fails runs op by op, with the same tokens, and MAX_FAILURES failed captures
+    switch mixed graphs off."""
+    from quiver.server.engine.mixed_graphs import MAX_FAILURES
+
     engine = Engine(fp32_model, EngineConfig(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=160))
     scratch = engine.cfg.num_blocks * engine.cfg.block_size
     mg = MixedGraphs(fp32_model.model, engine.kv, 160, scratch, torch.device("cpu"), capture=False)
@@ -103,7 +106,10 @@ def test_capture_all_then_a_failed_capture_runs_steps_eagerly(fp32_model, monkey
     run_to_completion(engine)
     failing = MixedGraphs(fp32_model.model, engine.kv, 160, scratch, torch.device("cpu"), capture=False)
 
+    attempts = []
+
     def fail(bucket, adapters):
+        attempts.append(bucket)
         raise RuntimeError("op not capturable")
 
     monkeypatch.setattr(failing, "_capture", fail)
@@ -111,5 +117,6 @@ def test_capture_all_then_a_failed_capture_runs_steps_eagerly(fp32_model, monkey
     got = engine.submit(ids, SamplingParams(max_new_tokens=4))
     run_to_completion(engine)
     got, want = got.result(), want.result()  # a handle's result is taken once
-    assert not failing.enabled and got.error is None and want.error is None
+    assert len(attempts) == MAX_FAILURES and not failing.enabled and not failing.sets  # then no more tries
+    assert got.error is None and want.error is None
     assert got.token_ids == want.token_ids and len(got.token_ids) == 4

@@ -613,3 +613,38 @@ def test_serve_passes_the_engine_switches(monkeypatch, flag, value, expected):
     monkeypatch.setattr(app, "Server", Stub)
     assert main(["serve", flag, value]) == 2
     assert getattr(seen["cfg"], flag[2:]) is expected
+
+
+def test_newer_weights_of_a_resident_id_supersede_its_slot():
+    """The CPU tier dropped an adapter and read it again (or two request threads read it at
+    once): the new weights object of a resident id takes a slot and the old slot is emptied,
+    at once when nothing pins it, else once the sequences that pin it are done. No slot is
+    orphaned: the pool keeps loading up to its size and evicting (before, a superseded slot
+    stayed resident under no id, and a full pool then failed every step)."""
+    from quiver.adapters.base import BaseSpec
+    from quiver.adapters.pool import PoolFull, SlotPool
+    from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
+
+    base = BaseSpec(n_layers=1, hidden=8, n_kv_heads=1, head_dim=8, shapes={"q_proj": (8, 8)})
+
+    def weights(name):
+        return AdapterWeights(AdapterInfo(name, "lora", rank=2),
+                              lora={(0, "q_proj"): LoraDelta(torch.randn(2, 8), torch.randn(8, 2), 1.0)})
+
+    pool = SlotPool(base, 3, 4, torch.float32, torch.device("cpu"))
+    a1 = weights("a")
+    s1 = pool.load(a1)
+    a2 = weights("a")  # unpinned: its slot is emptied and taken again
+    assert pool.load(a2) == s1 and pool.resident == {s1: a2} and dict(pool.slot_of) == {"a": s1}
+    pool.pin(s1)  # a running sequence uses a2
+    a3 = weights("a")
+    s3 = pool.load(a3)
+    assert s3 != s1 and pool.resident[s1] is a2 and pool.slot_of["a"] == s3 and pool.stale == {s1}
+    pool.pin(s3)
+    s_b = pool.load(weights("b"))  # the last free slot
+    pool.pin(s_b)
+    with pytest.raises(PoolFull):
+        pool.load(weights("c"))  # every slot pinned, the stale one too
+    pool.unpin(s1)  # the sequence on a2 ends: the stale slot is the first victim
+    assert pool.can_load() and pool.load(weights("c")) == s1
+    assert pool.stale == set() and sorted(pool.slot_of) == ["a", "b", "c"] and len(pool.resident) == 3

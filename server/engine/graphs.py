@@ -172,7 +172,7 @@ class DecodeGraphs:
         if self.pool_handle is None:
             self.pool_handle = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool_handle):
+        with torch.cuda.graph(graph, pool=self.pool_handle, capture_error_mode="thread_local"):  # as mixed_graphs.py
             out = self.model(batch, self.kv)
         log.info("captured decode CUDA graph for batch %d (adapters %s)", bucket, adapters is not None)
         return graph, out

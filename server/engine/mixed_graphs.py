@@ -20,8 +20,9 @@ adapter_batch_factory, pool_version) -> logits | None`: batch is the step's eage
 without adapters (its attention fields and sample_index); the tokens go into static buffers of
 the smallest bucket >= T (padding rows: token 0, position 0, the scratch KV slot, no adapter).
 `capture_all()` captures every bucket's graphs without adapters (the engine does it when it
-starts); a key with adapters is captured on its first use. If a capture fails, mixed graphs
-are switched off and run returns None: the caller runs the step eagerly, as from then on.
+starts); a key with adapters is captured on its first use. If a capture fails, run returns
+None and the caller runs the step eagerly; after MAX_FAILURES failed captures mixed graphs
+are switched off and every such step runs eagerly.
 capture=False (tests on the CPU) calls the pieces instead of replaying captured graphs: the
 same buffers, padding and order, without CUDA.
 """
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 STEP = 64  # token buckets are multiples of this, as the prefill path's rows (kernels/nf4_words.PREFILL_M_BUCKET)
 MAX_TOKENS = 1024  # the largest bucket: larger steps run eagerly (their GPU time grows, their launch does not)
+MAX_FAILURES = 3  # failed captures before mixed graphs are switched off (one may be another thread's doing)
 
 
 class MixedGraphs:
@@ -59,6 +61,7 @@ class MixedGraphs:
         self.cos = self.sin = None  # [n, D], shaped by the model's rotary module at the first capture
         self.sets: dict[tuple, list] = {}  # key -> [pre, A0, B0, A1, ...]: CUDA graphs (or Uncaptured)
         self.pool_handle = None
+        self.failures = 0
         self.enabled = device.type == "cuda" or not capture
 
     def eligible(self, scheduled) -> bool:
@@ -101,9 +104,14 @@ class MixedGraphs:
         try:
             self.sets[key] = self._capture(bucket, adapters)
             return True
-        except Exception as exc:  # an op that cannot be captured: mixed steps run eagerly from now on
-            log.warning("mixed-step CUDA graph capture failed (%s); mixed steps run eagerly", exc)
-            self.enabled = False
+        except Exception as exc:  # this step runs eagerly; after MAX_FAILURES, every mixed step does
+            self.failures += 1
+            off = self.failures >= MAX_FAILURES
+            log.warning("mixed-step CUDA graph capture failed (%s); %s", exc,
+                        "mixed steps run eagerly from now on" if off else "this step runs eagerly")
+            if off:
+                self.enabled = False
+                self.sets.clear()  # never replayed again: their memory goes back to the pool
             return False
 
     def _fill(self, batch: StepBatch, token_slots: list[int] | None, T: int, bucket: int) -> None:
@@ -148,7 +156,9 @@ class MixedGraphs:
         graphs = []
         for piece in pieces:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool_handle):
+            # thread_local: a request thread's CUDA calls (a cold adapter load querying events or
+            # pinning memory) do not invalidate this capture, as they would in the global mode
+            with torch.cuda.graph(graph, pool=self.pool_handle, capture_error_mode="thread_local"):
                 piece()
             graphs.append(graph)
         log.info("captured mixed-step CUDA graphs for %d tokens (adapters %s)", bucket, adapters is not None)
