@@ -249,14 +249,20 @@ class AdapterManager:
         """Shared prefix KV blocks at the head of seq's block table (decode graphs)."""
         return list(self.prefix_blocks.get(seq.slot, [])) if seq.slot is not None and seq.prefix_len else []
 
-    def prepare(self, scheduled) -> tuple[AdapterBatch | None, list[list[int]] | None]:
+    def token_slots(self, scheduled) -> list[int] | None:
+        """Each scheduled token's adapter slot (-1: none), or None when no sequence has one."""
         if all(item.seq.slot is None for item in scheduled):
+            return None
+        return [-1 if item.seq.slot is None else item.seq.slot for item in scheduled for _ in range(item.num_tokens)]
+
+    def prepare(self, scheduled) -> tuple[AdapterBatch | None, list[list[int]] | None]:
+        slots = self.token_slots(scheduled)
+        if slots is None:
             return None, None
-        slots, prompt_idx, prompt_rows = [], [], []
+        prompt_idx, prompt_rows = [], []
         flat = 0
         for item in scheduled:
             seq, n = item.seq, item.num_tokens
-            slots += [-1 if seq.slot is None else seq.slot] * n
             if seq.virtual_tokens and seq.num_computed < seq.virtual_tokens:
                 emb = seq.adapter.weights.prompt_embeds
                 for p in range(seq.num_computed, min(seq.virtual_tokens, seq.num_computed + n)):

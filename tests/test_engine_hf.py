@@ -10,7 +10,7 @@ import collections
 
 import pytest
 
-from conftest import hf_greedy, run_to_completion
+from conftest import hf_greedy, run_staggered
 from quiver.server.config import EngineConfig, SamplingParams
 from quiver.server.engine.engine import Engine
 
@@ -47,18 +47,9 @@ def staggered_run(loaded, prompts, new_tokens, split_decodes=None, **engine_kw):
 
     engine.runner.build = counted
     pending = [p if isinstance(p, list) else tok(p)["input_ids"] for p in prompts]
-    handles = []
-    while pending or engine.scheduler.has_work() or engine._inbox:
-        for ids in pending[:2]:
-            handles.append((ids, engine.submit(ids, SamplingParams(max_new_tokens=new_tokens))))
-        pending = pending[2:]
-        inbox, engine._inbox = engine._inbox, []
-        engine._take(inbox)
-        if engine.scheduler.has_work():
-            engine.step()
-    run_to_completion(engine)
+    handles = run_staggered(engine, pending, [None] * len(pending), SamplingParams(max_new_tokens=new_tokens))
     assert engine.blocks.num_free == engine.blocks.num_blocks, "KV blocks leaked"
-    return engine, [(ids, h.result()) for ids, h in handles]
+    return engine, [(ids, h.result()) for ids, h in zip(pending, handles)]
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["sdpa_rows", "split_decodes"])

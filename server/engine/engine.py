@@ -140,7 +140,7 @@ class Engine:
             graphs = DecodeGraphs(m, self.kv, self.cfg.max_num_seqs, self.cfg.max_blocks_per_seq + 8, scratch,
                                   loaded.device)
         mixed = None
-        if graphs is not None and (self.cfg.mixed_graphs is None or self.cfg.mixed_graphs):
+        if graphs is not None and self.cfg.mixed_graphs is not False:  # None (auto): on, as graphs are
             mixed = MixedGraphs(m, self.kv, self.cfg.max_num_batched_tokens, scratch, loaded.device)
         self.runner = ModelRunner(m, self.kv, self.blocks, loaded.device, graphs=graphs, adapters=adapters,
                                   mixed=mixed)

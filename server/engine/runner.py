@@ -145,9 +145,6 @@ class ModelRunner:
         m = self.adapters
         prefix_slots = [m.prefix_slots(item.seq) for item in scheduled] if m is not None else None
         batch = self.build(scheduled, None, prefix_slots, feed)
-        token_slots = None
-        if m is not None and any(item.seq.slot is not None for item in scheduled):
-            token_slots = [-1 if item.seq.slot is None else item.seq.slot
-                           for item in scheduled for _ in range(item.num_tokens)]
+        token_slots = m.token_slots(scheduled) if m is not None else None
         return self.mixed.run(batch, token_slots, m.graph_batch if m is not None else None,
                               m.pool.version if m is not None else 0)
