@@ -17,6 +17,11 @@ more server of that setting runs the warm-up load alone: on the device the first
 process ran worst whichever setting it had (docs/BENCHMARKS.md, round 10). Reported per setting: the
 load generator's req/s, output tok/s, TTFT and TPOT percentiles, and output tok/s as a ratio
 against the first setting.
+
+`--adapters N` writes N random LoRA adapters (rank `--adapter-rank`, q, k, v, o, PEFT format)
+into a temporary adapter directory that every server serves, with `--adapter-slots` slots
+(default max(16, N)) at `--max-rank`; the load generator spreads its requests over them by
+`--popularity` (default uniform, so every adapter is in use).
 """
 
 from __future__ import annotations
@@ -44,7 +49,10 @@ def serve_and_load(loaded, overlap: str, args, measure: bool = True) -> dict | N
     cfg = EngineConfig(max_num_seqs=args.concurrency, max_model_len=args.max_model_len,
                        max_num_batched_tokens=max(512, args.concurrency), overlap=SWITCH[overlap],
                        mixed_graphs=SWITCH[args.mixed_graphs])
-    server = Server(ServerConfig(port=0), ModelConfig(), cfg, loaded=loaded)
+    adapter_dir = getattr(args, "adapter_dir", None)
+    server_cfg = ServerConfig(port=0) if adapter_dir is None else \
+        ServerConfig(port=0, adapter_dir=adapter_dir, adapter_slots=args.adapter_slots, max_rank=args.max_rank)
+    server = Server(server_cfg, ModelConfig(), cfg, loaded=loaded)
     port = server.start()
     try:
         if args.warmup > 0:
@@ -54,6 +62,7 @@ def serve_and_load(loaded, overlap: str, args, measure: bool = True) -> dict | N
         before = server.engine.steps
         report = load(port, args, args.duration)
         report["overlap"] = overlap
+        report["adapters"] = getattr(args, "adapters", 0)
         report["engine_steps"] = server.engine.steps - before  # of the measured load
         return report
     finally:
@@ -70,11 +79,33 @@ def load(port: int, args, duration: float) -> dict:
                "--duration", str(duration), "--arrival", args.arrival, "--rate", str(args.rate),
                "--concurrency", str(args.concurrency), "--input-len", args.input_len,
                "--output-len", args.output_len, "--no-progress", "--out", out]
+        if getattr(args, "adapters", 0):
+            cmd += ["--adapter-ids", ",".join(adapter_ids(args.adapters)), "--popularity", args.popularity]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 300)
         if done.returncode != 0:
             raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         with open(out) as f:
             return json.load(f)
+
+
+def adapter_ids(n: int) -> list[str]:
+    return [f"bench-{i}" for i in range(n)]
+
+
+def write_adapters(loaded, n: int, rank: int, root: str) -> None:
+    """N random LoRA adapters on q, k, v, o in PEFT format under root/bench-<i>."""
+    from pathlib import Path
+
+    from quiver.adapters.lora import save_lora
+    from quiver.adapters.weights import LoraDelta
+    from quiver.adapters.base import BaseSpec
+    from quiver.loadtest.bench_engine import random_lora
+
+    base = BaseSpec.from_model(loaded.model)
+    for i, name in enumerate(adapter_ids(n)):
+        w = random_lora(i, base, rank, ["q_proj", "k_proj", "v_proj", "o_proj"], torch.device("cpu"))
+        deltas = {key: LoraDelta(d.a.bfloat16(), d.b.bfloat16(), d.scale) for key, d in w.lora.items()}
+        save_lora(Path(root) / name, deltas, base_model=loaded.name)
 
 
 def table(reports: list[dict]) -> str:
@@ -105,8 +136,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--mixed-graphs", default="auto", choices=tuple(SWITCH),
                     help="the servers' mixed-step graphs (quiver serve --mixed-graphs)")
+    ap.add_argument("--adapters", type=int, default=0, help="random LoRA adapters the requests spread over (0: base only)")
+    ap.add_argument("--adapter-rank", type=int, default=16)
+    ap.add_argument("--adapter-slots", type=int, default=None, help="adapters resident at once (default max(16, N))")
+    ap.add_argument("--max-rank", type=int, default=ServerConfig.max_rank, help="the servers' adapter pool rank")
+    ap.add_argument("--popularity", default="uniform", help="the load generator's adapter popularity")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
+    if args.adapters < 0:
+        ap.error("--adapters must be >= 0")
+    args.adapter_slots = args.adapter_slots or max(16, args.adapters)
     settings = args.overlap.split(",")
     if not settings or any(s not in SWITCH for s in settings):
         ap.error(f"--overlap takes a comma list of {', '.join(SWITCH)}")
@@ -117,12 +156,16 @@ def main(argv=None) -> int:
     else:
         loaded = load_model(ModelConfig(model=None if args.model == "embedded" else args.model,
                                         quantize=args.quantize))
+    tmp = tempfile.TemporaryDirectory() if args.adapters else None
+    if tmp is not None:
+        write_adapters(loaded, args.adapters, args.adapter_rank, tmp.name)
+        args.adapter_dir = tmp.name
     if args.warmup > 0:  # the first server of a process pays for compiling kernels: one unmeasured
         serve_and_load(loaded, settings[0], args, measure=False)
     reports = []
     for overlap in settings:
         reports.append(serve_and_load(loaded, overlap, args))
-        print(json.dumps({k: reports[-1][k] for k in ("overlap", "req_per_s", "output_tok_per_s", "ttft_ms",
+        print(json.dumps({k: reports[-1][k] for k in ("overlap", "adapters", "req_per_s", "output_tok_per_s", "ttft_ms",
                                                       "tpot_ms", "requests", "engine_steps")}), flush=True)
     print(table(reports))
     if args.out:
@@ -130,6 +173,8 @@ def main(argv=None) -> int:
                 "model": loaded.name, "quantize": args.quantize, "args": vars(args), "reports": reports}
         with open(args.out, "w") as f:
             json.dump(info, f, indent=2)
+    if tmp is not None:
+        tmp.cleanup()
     return 0
 
 

@@ -68,3 +68,21 @@ def test_serving_benchmark_runs_the_load_generator_per_setting(tmp_path):
         assert r["requests"]["completed"] == r["requests"]["sent"] > 0 and r["requests"]["failed"] == 0
         assert r["output_tok_per_s"] > 0 and r["engine_steps"] > 0
         assert 0 < r["tokens"]["completion_mean"] <= 4
+
+
+def test_serving_benchmark_spreads_requests_over_written_adapters(tmp_path):
+    """bench_serve --adapters 3: three random LoRA adapters written in PEFT format are served,
+    and the load generator's requests name each of them (uniform popularity), all completed."""
+    import json
+
+    from quiver.loadtest import bench_serve
+
+    out = tmp_path / "serve.json"
+    assert bench_serve.main(["--quantize", "none", "--duration", "3", "--concurrency", "3", "--input-len", "fixed:8",
+                             "--output-len", "fixed:4", "--warmup", "0", "--overlap", "on", "--adapters", "3",
+                             "--out", str(out)]) == 0
+    (report,) = json.loads(out.read_text())["reports"]
+    assert report["adapters"] == 3 and report["requests"]["failed"] == 0
+    per = report["per_adapter"]
+    assert set(per) == {"bench-0", "bench-1", "bench-2"}
+    assert all(v["completed"] == v["sent"] > 0 for v in per.values())
