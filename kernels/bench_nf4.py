@@ -2,6 +2,7 @@
 
     python -m quiver.kernels.bench_nf4 [--out FILE.json] [--layers 8] [--m 1 8 32 128]
     python -m quiver.kernels.bench_nf4 --sweep [--m 1 8] [--out sweep.json]
+    python -m quiver.kernels.bench_nf4 --prefill --m 128 256 512 [--layers 4]
 
 Workload: the linears of one Llama-2-7B decode step. Per layer: q, k, v, o [4096 x 4096],
 gate, up [11008 x 4096], down [4096 x 11008]; 32 layers. `--layers L` distinct layers of
@@ -196,6 +197,14 @@ def make_pass(layers, method: str, xs: dict, cfg: dict | None = None, only: tupl
                 lin["words"] = words_from_nf4(lin["ours"])
         ops = [(xs[lin["K"]], lin["words"], lin["ours"].absmax) for lin in lins]
         return lambda: [triton_nf4_words_linear(x, w, am, **cfg) for x, w, am in ops]
+    if method == "dequant":  # the prefill path above WORDS_MAX_M: W materialized, then cuBLAS
+        from quiver.kernels.nf4_words import triton_words_dequantize, words_from_nf4
+
+        for lin in lins:
+            if "words" not in lin:
+                lin["words"] = words_from_nf4(lin["ours"])
+        ops = [(xs[lin["K"]], lin["words"], lin["ours"].absmax) for lin in lins]
+        return lambda: [torch.nn.functional.linear(x, triton_words_dequantize(w, am, x.dtype)) for x, w, am in ops]
     raise ValueError(method)
 
 
@@ -469,6 +478,32 @@ def run_words_gemv(args) -> dict:
     return dict(words_gemv=results)
 
 
+def prefill_candidates() -> list[dict]:
+    """Word-kernel configs for prefill-sized M: one tile of up to 256 rows (the wgmma N) or more."""
+    return [dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, split_k=1)
+            for bm in (64, 128, 256) for bn in (64, 128) for nw in (4, 8) for ns in (2, 3)
+            if not (bm == 256 and bn == 128 and nw == 4)]  # a 128x256 float32 accumulator per 128 threads
+
+
+def run_prefill(args) -> dict:
+    """Per (M, shape): the prefill path (dequantize + cuBLAS), bf16 cuBLAS and word-kernel
+    configs (prefill_candidates): where the word kernel wins, WORDS_MAX_M may rise."""
+    layers = build_layers(args.layers)
+    results = []
+    for M, label, N, K, xs, n_lin in sweep_cases(layers, args.m):
+        base = {m: time_graph(make_pass(layers, m, xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin
+                for m in ("bf16", "dequant")}
+        res = rank_configs(layers, "words", xs, prefill_candidates(), (N, K), n_lin, args.reps, f"M={M} {label}")
+        best = res[0][0] if res else float("nan")
+        print(f"M={M} {label}: bf16 {base['bf16']:.1f} us, dequant+cuBLAS {base['dequant']:.1f}, "
+              f"words best {best:.1f} ({base['dequant'] / best:.2f}x the prefill path)", flush=True)
+        for us, cfg in res[:3]:
+            print(f"   words {us:8.1f} us  {cfg}", flush=True)
+        results.append(dict(M=M, shape=label, **{f"{k}_us": v for k, v in base.items()},
+                            ranked=[dict(us=us, cfg=cfg) for us, cfg in res]))
+    return dict(prefill=results)
+
+
 def run_sweep(args) -> dict:
     layers = build_layers(args.layers)
     results = []
@@ -501,6 +536,8 @@ def main(argv=None) -> int:
                     help="time the word kernel's defaults against WORDS_VARIANTS")
     ap.add_argument("--words-gemv", action="store_true",
                     help="the word kernel's CUDA-core path (gemv_candidates) against its tensor-core path")
+    ap.add_argument("--prefill", action="store_true",
+                    help="prefill-sized M: the word kernel's configs against dequantize + cuBLAS")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_nf4 needs a CUDA device", file=sys.stderr)
@@ -520,6 +557,8 @@ def main(argv=None) -> int:
             res = run_words_variants(args)
         elif args.words_gemv:
             res = run_words_gemv(args)
+        elif args.prefill:
+            res = run_prefill(args)
         else:
             res = run_words_sweep(args) if args.words_sweep else run_sweep(args) if args.sweep else run_bench(args)
     res["meta"] = meta

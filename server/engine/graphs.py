@@ -14,6 +14,7 @@ steps run eagerly.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -162,6 +163,7 @@ class DecodeGraphs:
         return out[:n]
 
     def _capture(self, bucket: int, adapters) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        t0 = time.perf_counter()
         batch = self._batch(bucket, adapters)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -174,5 +176,6 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool_handle, capture_error_mode="thread_local"):  # as mixed_graphs.py
             out = self.model(batch, self.kv)
-        log.info("captured decode CUDA graph for batch %d (adapters %s)", bucket, adapters is not None)
+        log.info("captured decode CUDA graph for batch %d (adapters %s) in %.0f ms", bucket, adapters is not None,
+                 (time.perf_counter() - t0) * 1e3)
         return graph, out

@@ -30,6 +30,7 @@ same buffers, padding and order, without CUDA.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -125,6 +126,7 @@ class MixedGraphs:
     def _capture(self, bucket: int, adapters) -> list:
         """The pre graph, then graphs A and B of every layer, over padding rows (the scratch KV
         slot, no adapter), after two eager passes that compile the kernels of this bucket."""
+        t0 = time.perf_counter()
         self.slot_mapping.fill_(self.scratch_slot)
         self.token_slot.fill_(-1)
         b = StepBatch(input_ids=self.input_ids[:bucket], positions=self.positions[:bucket],
@@ -161,7 +163,8 @@ class MixedGraphs:
             with torch.cuda.graph(graph, pool=self.pool_handle, capture_error_mode="thread_local"):
                 piece()
             graphs.append(graph)
-        log.info("captured mixed-step CUDA graphs for %d tokens (adapters %s)", bucket, adapters is not None)
+        log.info("captured mixed-step CUDA graphs for %d tokens (adapters %s) in %.0f ms", bucket, adapters is not None,
+                 (time.perf_counter() - t0) * 1e3)
         return graphs
 
 
