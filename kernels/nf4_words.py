@@ -366,10 +366,6 @@ if HAS_TRITON:
     def _words_dequant_kernel(w_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_w, stride_am,
                               BLOCK_N: tl.constexpr):
         # out[n, 128g + 16s + r] = dtype(code[nibble s of word (16g + r, n)] * absmax[2g + s // 4, n])
-        # The words load as [16 r, BLOCK_N n] tiles (coalesced along n); the eight nibble tiles are
-        # joined and permuted into one [BLOCK_N, 128] tile, so that each output row's 128 values
-        # are stored contiguously (storing the [16, BLOCK_N] tiles directly wrote 2 bytes per row
-        # per thread).
         g = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_r = tl.arange(0, 16)
@@ -377,20 +373,11 @@ if HAS_TRITON:
         w = tl.load(w_ptr + (g * 16 + offs_r)[:, None] * stride_w + offs_n[None, :], mask=n_mask[None, :], other=0)
         am0 = tl.load(absmax_ptr + (2 * g) * stride_am + offs_n, mask=n_mask, other=0.0)[None, :]
         am1 = tl.load(absmax_ptr + (2 * g + 1) * stride_am + offs_n, mask=n_mask, other=0.0)[None, :]
-        v0 = tl.load(code_ptr + (w & 15)) * am0
-        v1 = tl.load(code_ptr + ((w >> 4) & 15)) * am0
-        v2 = tl.load(code_ptr + ((w >> 8) & 15)) * am0
-        v3 = tl.load(code_ptr + ((w >> 12) & 15)) * am0
-        v4 = tl.load(code_ptr + ((w >> 16) & 15)) * am1
-        v5 = tl.load(code_ptr + ((w >> 20) & 15)) * am1
-        v6 = tl.load(code_ptr + ((w >> 24) & 15)) * am1
-        v7 = tl.load(code_ptr + ((w >> 28) & 15)) * am1
+        row = out_ptr + offs_n.to(tl.int64)[None, :] * K + g * 128 + offs_r[:, None]
         ty = out_ptr.dtype.element_ty
-        # [16 r, BLOCK_N, 2 (s bit 0), 2 (bit 1), 2 (bit 2)] -> [BLOCK_N, bit 2, bit 1, bit 0, r]: k = 16s + r
-        v = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
-        v = tl.reshape(tl.permute(v.to(ty), (1, 4, 3, 2, 0)), (BLOCK_N, 128))
-        rows = out_ptr + offs_n.to(tl.int64)[:, None] * K + g * 128 + tl.arange(0, 128)[None, :]
-        tl.store(rows, v, mask=n_mask[:, None])
+        for s in tl.static_range(8):
+            am = am0 if s < 4 else am1
+            tl.store(row + 16 * s, (tl.load(code_ptr + ((w >> (4 * s)) & 15)) * am).to(ty), mask=n_mask[None, :])
 
 
 def pick_words_config(M: int, N: int, K: int, device: torch.device, **overrides) -> dict:
