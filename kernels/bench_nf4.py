@@ -492,11 +492,11 @@ def run_prefill(args) -> dict:
     results = []
     for M, label, N, K, xs, n_lin in sweep_cases(layers, args.m):
         base = {m: time_graph(make_pass(layers, m, xs, only=(N, K)), reps=args.reps) * 1e3 / n_lin
-                for m in ("bf16", "dequant")}
+                for m in ("bf16", "dequant", "words")}  # words: the word kernel's defaults at this M
         res = rank_configs(layers, "words", xs, prefill_candidates(), (N, K), n_lin, args.reps, f"M={M} {label}")
         best = res[0][0] if res else float("nan")
         print(f"M={M} {label}: bf16 {base['bf16']:.1f} us, dequant+cuBLAS {base['dequant']:.1f}, "
-              f"words best {best:.1f} ({base['dequant'] / best:.2f}x the prefill path)", flush=True)
+              f"words defaults {base['words']:.1f}, words best {best:.1f} ({base['dequant'] / best:.2f}x the prefill path)", flush=True)
         for us, cfg in res[:3]:
             print(f"   words {us:8.1f} us  {cfg}", flush=True)
         results.append(dict(M=M, shape=label, **{f"{k}_us": v for k, v in base.items()},

@@ -78,6 +78,12 @@ GEMV_MAX_M = 1
 # group into registers before this one's arithmetic (measured there as `prefetch`) gained nothing.
 GEMV_CONFIG = dict(block_n=64, num_warps=4, num_stages=1, split=32, per_sm=16)
 WORDS_MAX_M = 128  # above: prefill path (Triton dequantize + cuBLAS)
+# Narrow outputs (N < WIDE_N: o_proj, down_proj) take the prefill path from NARROW_MAX_M + 1 rows:
+# H200, `bench_nf4 --prefill --m 64 96 128` (docs/results/h200/gpu_nf4_prefill_r13b.json), word
+# kernel defaults against dequantize + cuBLAS, us per linear: 4096x4096 30.1 / 29.6 at M=64,
+# 50.6 / 35.7 at 96, 51.1 / 34.3 at 128; 4096x11008 70.5 / 80.9, 128.6 / 83.9, 129.5 / 83.4. Wide
+# outputs stay on the word kernel up to WORDS_MAX_M (11008x4096: 43.5-69.4 against 76.6-78.2).
+NARROW_MAX_M = 64
 # The prefill path's rows are padded to a multiple of this: cuBLAS spends 139-189 us of host
 # time on a matmul shape it has not seen and 14-16 us on one it has (H200,
 # docs/results/h200/mm_host_probe.log), and an eager step's M is new nearly every step.
@@ -517,14 +523,15 @@ def reference_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.T
 
 def nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
                      bias: torch.Tensor | None = None, shrink: Shrink | None = None) -> torch.Tensor:
-    """Dispatch: decode batches (M <= WORDS_MAX_M) run the word kernel; larger M (prefill)
-    dequantize W with a Triton kernel and leave the GEMM to cuBLAS, over rows padded to a
-    multiple of PREFILL_M_BUCKET; the reference off CUDA.
+    """Dispatch: decode batches (M <= WORDS_MAX_M; M <= NARROW_MAX_M for outputs narrower than
+    WIDE_N) run the word kernel; larger M (prefill) dequantize W with a Triton kernel and leave
+    the GEMM to cuBLAS, over rows padded to a multiple of PREFILL_M_BUCKET; the reference off CUDA.
     shrink (token_slot, members): the members' LoRA shrinks of x, in the word kernel's launch
     where it runs, else in their own (lora_group.group_shrink)."""
     M = x.numel() // x.shape[-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if use_triton(x) and M <= WORDS_MAX_M and (x.dtype != torch.float32 or _interpreting()):
+    words_kernel = M <= WORDS_MAX_M and (M <= NARROW_MAX_M or words.shape[1] >= WIDE_N)
+    if use_triton(x) and words_kernel and (x.dtype != torch.float32 or _interpreting()):
         if shrink is None or x2.stride(1) == 1:
             return triton_nf4_words_linear(x, words, absmax, bias, shrink=shrink)
         y = triton_nf4_words_linear(x, words, absmax, bias)

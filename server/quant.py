@@ -6,8 +6,8 @@ without materializing W for decode batches. Two layouts (quiver.kernels):
 
   * words (K % 128 == 0, the usual case): 32-bit words, the NF4 table looked up in registers,
     the scale applied per 64-block after the dot (kernels/nf4_words.py). Decode batches up to
-    WORDS_MAX_M tokens run that kernel; larger batches (prefill) dequantize W with a Triton
-    kernel and leave the GEMM to cuBLAS.
+    WORDS_MAX_M tokens (NARROW_MAX_M for outputs narrower than WIDE_N) run that kernel; larger
+    batches (prefill) dequantize W with a Triton kernel and leave the GEMM to cuBLAS.
   * bytes (any K % 64 == 0): kernels/nf4.py's GEMV/GEMM kernels.
 
 Fused projections (q|k|v, gate|up) are one NF4Linear over the concatenated output columns;

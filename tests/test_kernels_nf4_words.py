@@ -88,6 +88,32 @@ def test_kernel_matches_reference(M, N, K, kw):
 
 @pytest.mark.gpu  # also runs on CPU under the interpreter
 @needs_triton
+def test_narrow_outputs_take_the_prefill_path_above_narrow_max_m(monkeypatch):
+    """Between NARROW_MAX_M and WORDS_MAX_M rows, outputs narrower than WIDE_N are dequantized
+    (then one matmul); wider ones, and any output at NARROW_MAX_M rows, run the word kernel.
+    Both give the layout's spec."""
+    w = synthetic(96, 256, seed=5)
+    words = W.words_from_nf4(w)
+    full = w.dequantize(torch.float32)
+    monkeypatch.setenv("QUIVER_FORCE_TRITON", "1")
+    calls = []
+    kernel, dequant = W.triton_nf4_words_linear, W.triton_words_dequantize
+    monkeypatch.setattr(W, "triton_nf4_words_linear", lambda *a, **k: calls.append("words") or kernel(*a, **k))
+    monkeypatch.setattr(W, "triton_words_dequantize", lambda *a, **k: calls.append("dequant") or dequant(*a, **k))
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    tol = 3e-2 if CUDA else 2e-5
+    for M, wide_n, path in [(W.NARROW_MAX_M, W.WIDE_N, "words"), (W.NARROW_MAX_M + 1, W.WIDE_N, "dequant"),
+                            (W.WORDS_MAX_M, W.WIDE_N, "dequant"), (W.NARROW_MAX_M + 1, 96, "words")]:
+        monkeypatch.setattr(W, "WIDE_N", wide_n)  # 96 outputs count as wide
+        calls.clear()
+        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M)).to(DEV, dtype)
+        y = W.nf4_words_linear(x, words, w.absmax)
+        assert calls == [path], (M, wide_n, calls)
+        torch.testing.assert_close(y.float(), x.float() @ full.T, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu  # also runs on CPU under the interpreter
+@needs_triton
 def test_dequant_kernel_slices_and_dispatch(monkeypatch):
     """The prefill path (Triton dequantize) equals the layout's spec; column slices of a fused
     weight (strided words/absmax) give the slice's outputs; nf4_words_linear picks by M."""
