@@ -63,7 +63,7 @@ class StepBatch:
     sample_index: torch.Tensor  # [N] int64, flat tokens whose logits are returned
     adapters: AdapterHook | None = None
     # The SDPA rows (every row, unless decode rows are split off below), padded to Qmax x Lmax:
-    q_gather: torch.Tensor | None = None  # [B, Qmax] int64, flat token index of row b, query i (T = padding)
+    q_gather: torch.Tensor | None = None  # [B, Qmax] int64, flat token index of row b, query i (padding: 0, dropped)
     out_scatter: torch.Tensor | None = None  # [T'] int64, index of each SDPA row token in the flattened [B*Qmax]
     kv_gather: torch.Tensor | None = None  # [B, Lmax] int64, cache slot of row b, key j (0 = padding)
     attn_mask: torch.Tensor | None = None  # [B, 1, Qmax, Lmax] bool, True = may attend
@@ -74,6 +74,7 @@ class StepBatch:
     context_lens: torch.Tensor | None = None  # [B] int32, keys per row incl. the new token (0 = padding row)
     block_size: int = 0
     dec_tokens: torch.Tensor | None = None  # [Bd] int64, flat token of each decode row of an eager step
+    dec_gather: torch.Tensor | None = None  # [B] int64, dec_tokens padded with 0 to block_tables' rows (set with it)
     dec_prefix: torch.Tensor | None = None  # [B, P] int64, their shared prefix slots (-1 = none)
 
 
@@ -169,9 +170,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if batch.dec_tokens is None:  # a decode graph's step: every row, in token order
         return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens,
                                       batch.block_size, D ** -0.5).reshape(T, H * D)
-    q_dec = q.new_zeros(batch.block_tables.shape[0], H, D)  # padded to the graphs' batch bucket
     n = batch.dec_tokens.shape[0]
-    q_dec[:n] = q[batch.dec_tokens]
+    q_dec = q[batch.dec_gather]  # padded to the graphs' batch bucket (padding rows read token 0)
     dec = paged_decode_attention(q_dec, k_cache, v_cache, batch.block_tables, batch.context_lens,
                                  batch.block_size, D ** -0.5, batch.dec_prefix)
     out = q.new_empty(T, H * D)
@@ -187,7 +187,7 @@ def _sdpa_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ba
     returns the rows' tokens in out_scatter's order, [T', H*D]."""
     T, H, D = q.shape
     B, Qmax = batch.q_gather.shape
-    q_pad = torch.cat([q, q.new_zeros(1, H, D)])[batch.q_gather]  # [B, Qmax, H, D]
+    q_pad = q[batch.q_gather]  # [B, Qmax, H, D]; padding queries (token 0) attend to key 0 and are dropped
     k = _query_heads(k_cache[batch.kv_gather], H)  # [B, Lmax, H, D]
     v = _query_heads(v_cache[batch.kv_gather], H)
     with sdpa_kernel(SDPA_BACKENDS):

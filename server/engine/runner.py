@@ -78,7 +78,7 @@ class ModelRunner:
     def _sdpa_rows(self, batch: StepBatch, q_rows, kv_rows, q_lens, ctx_lens, T: int, split: bool) -> None:
         """Padded [B, Qmax] query and [B, Lmax] key gathers and the causal mask of the SDPA rows."""
         B, q_max, l_max = len(q_rows), max(q_lens), max(len(r) for r in kv_rows)
-        q_gather = torch.full((B, q_max), T, dtype=torch.long)
+        q_gather = torch.zeros((B, q_max), dtype=torch.long)  # padding queries read token 0: their rows are dropped
         kv_gather = torch.zeros((B, l_max), dtype=torch.long)
         mask = torch.zeros((B, 1, q_max, l_max), dtype=torch.bool)
         out_scatter = torch.empty(sum(q_lens), dtype=torch.long)
@@ -112,7 +112,10 @@ class ModelRunner:
         for r, t in enumerate(tables):
             table_rows[r, :len(t)] = torch.tensor(t, dtype=torch.int32)
         dev32 = to_device(host, self.device)
-        batch.dec_tokens = to_device(tokens, self.device, torch.long)
+        # the decode kernel's queries: the rows' tokens, padding rows reading token 0 (their
+        # context length is 0, their output unused); dec_tokens is the unpadded view
+        batch.dec_gather = to_device(tokens + [0] * (rows - n), self.device, torch.long)
+        batch.dec_tokens = batch.dec_gather[:n]
         batch.block_tables, batch.context_lens = dev32[:rows * width].view(rows, width), dev32[rows * width:]
         batch.block_size = self.blocks.block_size
         if any(prefix):
