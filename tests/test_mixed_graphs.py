@@ -120,3 +120,29 @@ def test_capture_all_then_a_failed_capture_runs_steps_eagerly(fp32_model, monkey
     assert len(attempts) == MAX_FAILURES and not failing.enabled and not failing.sets  # then no more tries
     assert got.error is None and want.error is None
     assert got.token_ids == want.token_ids and len(got.token_ids) == 4
+
+
+def test_adapter_graphs_are_captured_at_start_not_on_first_use(fp32_model, adapter_root, monkeypatch):
+    """Engine.capture_adapter_graphs (run by start after the warm-up): one request through the
+    first adapter on disk allocates the pool's stacks, then every token bucket's adapter graphs
+    are captured at that pool version; a later request with that adapter captures nothing more."""
+    manager = AdapterManager(AdapterConfig(str(adapter_root)), BaseSpec.from_model(fp32_model.model), fp32_model.name,
+                             torch.float32, torch.device("cpu"))
+    engine = Engine(fp32_model, EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=128),
+                    adapters=manager)
+    mg = MixedGraphs(fp32_model.model, engine.kv, 128, engine.cfg.num_blocks * engine.cfg.block_size,
+                     torch.device("cpu"), capture=False)
+    captured, real = [], mg._capture
+    monkeypatch.setattr(mg, "_capture", lambda bucket, adapters: captured.append((bucket, adapters is not None))
+                        or real(bucket, adapters))
+    engine.runner.mixed = mg
+    first = manager.ids()[0]
+    assert engine.capture_adapter_graphs() == 2
+    assert sorted(captured) == [(64, True), (128, True)]  # each once (on the CPU the warm-up request's steps take 64)
+    assert {k for k in mg.sets if k[1]} == {(128, True, manager.pool.version), (64, True, manager.pool.version)}
+    handle = engine.submit(list(range(100, 140)), SamplingParams(max_new_tokens=3), adapter=manager.resolve(first))
+    run_to_completion(engine)
+    assert handle.result().error is None
+    assert sorted(captured) == [(64, True), (128, True)], "the request replayed the start-up captures"
+    bare = Engine(fp32_model, EngineConfig(max_model_len=256, max_num_seqs=8))
+    assert bare.capture_adapter_graphs() == 0  # no adapters: nothing to capture

@@ -195,6 +195,7 @@ class Engine:
             try:
                 n = self.warm_up()
                 log.info("warm-up: %d steps in %.1f s", n, time.monotonic() - t0)
+                self.capture_adapter_graphs()
             except Exception as exc:  # serving works without the warm-up, only slower at first
                 log.exception("warm-up failed; serving without it")
                 self._fail_all(exc)
@@ -224,6 +225,41 @@ class Engine:
                 log.warning("warm-up stopped at a %d-token prompt: %s", n, res.error)
                 break
         return self.steps - before
+
+    def capture_adapter_graphs(self) -> int:
+        """With adapters on disk: one warm-up request through the first of them (its load
+        allocates the pool's stacks), then the adapter graphs of every decode and mixed-step
+        bucket, so that the first adapter requests do not stall the batch on those captures
+        (130-610 ms each on the device, seconds when Triton compiles). Later captures happen
+        only when the pool's version changes (a new stack, a larger rank). Returns the number of
+        adapter graph sets held."""
+        m, graphs, mixed = self.adapters, self.runner.graphs, self.runner.mixed
+        if m is None or (graphs is None and mixed is None):
+            return 0
+        ids = m.ids()
+        if not ids:
+            return 0
+        t0 = time.monotonic()
+        try:
+            handle = self.submit([0] * 8, SamplingParams(max_new_tokens=2, ignore_eos=True), adapter=m.resolve(ids[0]))
+        except Exception as exc:  # an unreadable adapter: serving still works, its graphs come on first use
+            log.warning("adapter warm-up skipped: %s", exc)
+            return 0
+        while handle.seq.request_id in self._handles or self._inbox:
+            inbox, self._inbox = self._inbox, []
+            self._take(inbox)
+            self.step()
+        self._collect()
+        if handle.result().error:
+            return 0
+        n = 0
+        if graphs is not None:
+            n += graphs.capture_adapters(m.graph_batch, m.pool.version)
+        if mixed is not None:
+            n += mixed.capture_adapters(m.graph_batch, m.pool.version)
+        log.info("captured %d adapter CUDA graph sets (pool version %d) in %.1f s", n, m.pool.version,
+                 time.monotonic() - t0)
+        return n
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cv:

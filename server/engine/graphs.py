@@ -136,6 +136,24 @@ class DecodeGraphs:
                 self._try_capture(key, bucket, None)
         return sum(1 for key in self.graphs if not key[1])
 
+    def capture_adapters(self, adapter_batch_factory, pool_version: int) -> int:
+        """Captures the adapter graph of every bucket over the pool's current tensors (at start,
+        once an adapter's stacks exist), so the first adapter requests do not stall on them. A
+        failure stops this, not the graphs: a step then captures on first use, as before.
+        Returns the number of adapter graphs now held."""
+        self.slot_mapping.fill_(self.scratch_slot)
+        self.context_lens.zero_()
+        self.token_slot.fill_(-1)
+        for bucket in sorted(self.buckets, reverse=True):
+            key = graph_key(self.graphs, bucket, True, pool_version)
+            if self.enabled and key not in self.graphs:
+                try:
+                    self.graphs[key] = self._capture(bucket, adapter_batch_factory(self.token_slot[:bucket]))
+                except Exception as exc:
+                    log.warning("decode CUDA graph capture with adapters failed at start (%s)", exc)
+                    break
+        return sum(1 for key in self.graphs if key[1])
+
     def _try_capture(self, key: tuple, bucket: int, adapters) -> bool:
         """Captures the graph of `key`; if capture fails (an op that cannot be captured), graphs
         are switched off and decode runs eagerly from now on."""

@@ -101,6 +101,17 @@ class MixedGraphs:
                 self._try_capture((bucket, False, 0), bucket, None)
         return sum(1 for key in self.sets if not key[1])
 
+    @torch.inference_mode()
+    def capture_adapters(self, adapter_batch_factory, pool_version: int) -> int:
+        """The adapter graphs of every bucket over the pool's current tensors, as capture_all
+        (at start, once an adapter's stacks exist). Returns the number of adapter sets held."""
+        for bucket in sorted(self.buckets, reverse=True):
+            key = graph_key(self.sets, bucket, True, pool_version)
+            if self.enabled and key not in self.sets:
+                if not self._try_capture(key, bucket, adapter_batch_factory(self.token_slot[:bucket])):
+                    break
+        return sum(1 for key in self.sets if key[1])
+
     def _try_capture(self, key: tuple, bucket: int, adapters) -> bool:
         try:
             self.sets[key] = self._capture(bucket, adapters)
