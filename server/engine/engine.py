@@ -214,17 +214,20 @@ class Engine:
         for n in WARMUP_PROMPTS:
             if n + 2 > room:
                 break
-            handle = self.submit([0] * n, SamplingParams(max_new_tokens=2, ignore_eos=True))
-            while handle.seq.request_id in self._handles or self._inbox:
-                inbox, self._inbox = self._inbox, []
-                self._take(inbox)
-                self.step()
-            self._collect()  # with overlap a dropped token may still be on its way
-            res = handle.result()
+            res = self._run_alone(self.submit([0] * n, SamplingParams(max_new_tokens=2, ignore_eos=True)))
             if res.error:  # not fatal: serving works without the warm-up, only slower at first
                 log.warning("warm-up stopped at a %d-token prompt: %s", n, res.error)
                 break
         return self.steps - before
+
+    def _run_alone(self, handle: RequestHandle):
+        """Steps the engine (its thread not started) until handle's request is done; its result."""
+        while handle.seq.request_id in self._handles or self._inbox:
+            inbox, self._inbox = self._inbox, []
+            self._take(inbox)
+            self.step()
+        self._collect()  # with overlap a dropped token may still be on its way
+        return handle.result()
 
     def capture_adapter_graphs(self) -> int:
         """With adapters on disk: one warm-up request through the first of them (its load
@@ -245,12 +248,7 @@ class Engine:
         except Exception as exc:  # an unreadable adapter: serving still works, its graphs come on first use
             log.warning("adapter warm-up skipped: %s", exc)
             return 0
-        while handle.seq.request_id in self._handles or self._inbox:
-            inbox, self._inbox = self._inbox, []
-            self._take(inbox)
-            self.step()
-        self._collect()
-        if handle.result().error:
+        if self._run_alone(handle).error:
             return 0
         n = 0
         if graphs is not None:
