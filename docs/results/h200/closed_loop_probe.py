@@ -4,6 +4,7 @@ by kind (graph replay vs eager step with a prefill), overlapped steps on and off
 
     python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600 [--profile-eager]
         [--batched-tokens 512,128] [--sdpa quiver,all] [--split on,off] [--m-bucket 64,1] [--mixed on,off]
+        [--narrow-max-m 64,128,64,128]
 
 Runs: overlap on (cold), off, on (warm) at the first --batched-tokens value (the step's token
 budget, max_num_batched_tokens) and --sdpa value, then overlap on at each further value of
@@ -12,6 +13,8 @@ either, then at the first values again. --sdpa: the eager path's attention backe
 step's decode rows through the paged decode kernel (ModelRunner.split_decodes) or in the SDPA call;
 --m-bucket: the prefill path's row padding (kernels/nf4_words.PREFILL_M_BUCKET; 1 = none);
 --mixed: steps with a prefill chunk through the mixed-step graphs (EngineConfig.mixed_graphs) or op by op.
+--narrow-max-m: instead of the runs above, one run (overlap on) at each value of
+kernels/nf4_words.NARROW_MAX_M, the row limit of the word kernel for outputs narrower than WIDE_N.
 
 --profile-eager: after the runs, one more eager step (a new prompt beside the running decodes)
 under torch.profiler: its host time and the kernels' time, by op.
@@ -44,6 +47,8 @@ ap.add_argument("--sdpa", default="quiver", help="comma list of quiver | all")
 ap.add_argument("--split", default="on", help="comma list of on | off: an eager step's decodes through the decode kernel")
 ap.add_argument("--m-bucket", default=str(nf4_words.PREFILL_M_BUCKET), help="comma list: prefill path row padding")
 ap.add_argument("--mixed", default="on", help="comma list of on | off: mixed-step graphs")
+ap.add_argument("--narrow-max-m", default=None,
+                help="comma list: kernels/nf4_words.NARROW_MAX_M, each run with overlap on, instead of the runs above")
 args = ap.parse_args()
 device = torch.device(args.device)
 loaded = random_llama(args.layers, "nf4", torch.bfloat16 if device.type == "cuda" else torch.float32, device)
@@ -57,8 +62,14 @@ runs += [(True, b, s0, p0, m0, x0) for b in budgets[1:]] + [(True, b0, s, p0, m0
 runs += [(True, b0, s0, p, m0, x0) for p in splits[1:]] + [(True, b0, s0, p0, m, x0) for m in buckets[1:]]
 runs += [(True, b0, s0, p0, m0, x) for x in mixeds[1:]]
 runs += [(True, b0, s0, p0, m0, x0)] if len(budgets) + len(sdpas) + len(splits) + len(buckets) + len(mixeds) > 5 else []
+narrows = [None] * len(runs)
+if args.narrow_max_m:
+    narrows = [int(n) for n in args.narrow_max_m.split(",")]
+    runs = [(True, b0, s0, p0, m0, x0)] * len(narrows)
 QUIVER_SDPA = list(model_mod.SDPA_BACKENDS)
-for overlap, budget, sdpa, split, bucket, mixed in runs:
+for (overlap, budget, sdpa, split, bucket, mixed), narrow in zip(runs, narrows):
+    if narrow is not None:
+        nf4_words.NARROW_MAX_M = narrow
     nf4_words.PREFILL_M_BUCKET = bucket
     model_mod.SDPA_BACKENDS = QUIVER_SDPA if sdpa == "quiver" else [SDPBackend.CUDNN_ATTENTION] + QUIVER_SDPA
     e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap,
@@ -114,6 +125,7 @@ for overlap, budget, sdpa, split, bucket, mixed in runs:
     row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3, tokens=tokens,
                tok_s=tokens / wall, batched_tokens=budget, sdpa=sdpa, split=split, m_bucket=bucket, mixed=mixed)
     key = f"overlap={overlap},budget={budget},sdpa={sdpa},split={split},m_bucket={bucket},mixed={mixed}"
+    key += "" if narrow is None else f",narrow_max_m={narrow}"
     seen = sum(k.split("#")[0] == key for k in out)
     key += f"#{seen + 1}" if seen else ""
     out[key] = row
