@@ -4,7 +4,7 @@ by kind (graph replay vs eager step with a prefill), overlapped steps on and off
 
     python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600 [--profile-eager]
         [--batched-tokens 512,128] [--sdpa quiver,all] [--split on,off] [--m-bucket 64,1] [--mixed on,off]
-        [--narrow-max-m 64,128,64,128]
+        [--set mixed_graphs.PAGED_MAX_KEYS=65536,0,65536,0]
 
 Runs: overlap on (cold), off, on (warm) at the first --batched-tokens value (the step's token
 budget, max_num_batched_tokens) and --sdpa value, then overlap on at each further value of
@@ -13,10 +13,12 @@ either, then at the first values again. --sdpa: the eager path's attention backe
 step's decode rows through the paged decode kernel (ModelRunner.split_decodes) or in the SDPA call;
 --m-bucket: the prefill path's row padding (kernels/nf4_words.PREFILL_M_BUCKET; 1 = none);
 --mixed: steps with a prefill chunk through the mixed-step graphs (EngineConfig.mixed_graphs) or op by op.
---narrow-max-m: instead of the runs above, one run (overlap on) at each value of
-kernels/nf4_words.NARROW_MAX_M, the row limit of the word kernel for outputs narrower than WIDE_N.
+--set: instead of the runs above, one run (overlap on) at each value of an integer constant of
+kernels/nf4_words (NARROW_MAX_M: the word kernel's row limit for outputs narrower than WIDE_N)
+or server/engine/mixed_graphs (PAGED_MAX_KEYS: 0 turns paged mixed steps off; it exists with
+docs/results/h200/paged_mixed_steps_r14.patch applied, measured in round 14 and not kept).
 
---profile-eager: after the runs, one more eager step (a new prompt beside the running decodes)
+--profile-eager: after the second default run (with --set: after each of the last two runs), one more step (a new prompt beside the running decodes)
 under torch.profiler: its host time and the kernels' time, by op.
 """
 import argparse
@@ -28,6 +30,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import quiver.kernels.nf4_words as nf4_words
+import quiver.server.engine.mixed_graphs as mixed_graphs
 import quiver.server.model as model_mod
 
 from quiver.loadtest.bench_engine import random_llama
@@ -47,8 +50,9 @@ ap.add_argument("--sdpa", default="quiver", help="comma list of quiver | all")
 ap.add_argument("--split", default="on", help="comma list of on | off: an eager step's decodes through the decode kernel")
 ap.add_argument("--m-bucket", default=str(nf4_words.PREFILL_M_BUCKET), help="comma list: prefill path row padding")
 ap.add_argument("--mixed", default="on", help="comma list of on | off: mixed-step graphs")
-ap.add_argument("--narrow-max-m", default=None,
-                help="comma list: kernels/nf4_words.NARROW_MAX_M, each run with overlap on, instead of the runs above")
+ap.add_argument("--set", default=None, metavar="MODULE.NAME=V1,V2,...",
+                help="a module constant (nf4_words.NARROW_MAX_M, mixed_graphs.PAGED_MAX_KEYS), one run with "
+                     "overlap on at each value, instead of the runs above")
 args = ap.parse_args()
 device = torch.device(args.device)
 loaded = random_llama(args.layers, "nf4", torch.bfloat16 if device.type == "cuda" else torch.float32, device)
@@ -62,14 +66,17 @@ runs += [(True, b, s0, p0, m0, x0) for b in budgets[1:]] + [(True, b0, s, p0, m0
 runs += [(True, b0, s0, p, m0, x0) for p in splits[1:]] + [(True, b0, s0, p0, m, x0) for m in buckets[1:]]
 runs += [(True, b0, s0, p0, m0, x) for x in mixeds[1:]]
 runs += [(True, b0, s0, p0, m0, x0)] if len(budgets) + len(sdpas) + len(splits) + len(buckets) + len(mixeds) > 5 else []
-narrows = [None] * len(runs)
-if args.narrow_max_m:
-    narrows = [int(n) for n in args.narrow_max_m.split(",")]
-    runs = [(True, b0, s0, p0, m0, x0)] * len(narrows)
+values = [None] * len(runs)
+if args.set:
+    name, _, listed = args.set.partition("=")
+    module, attr = {"nf4_words": nf4_words, "mixed_graphs": mixed_graphs}[name.split(".")[0]], name.split(".")[1]
+    assert hasattr(module, attr), f"no {name}"
+    values = [int(v) for v in listed.split(",")]
+    runs = [(True, b0, s0, p0, m0, x0)] * len(values)
 QUIVER_SDPA = list(model_mod.SDPA_BACKENDS)
-for (overlap, budget, sdpa, split, bucket, mixed), narrow in zip(runs, narrows):
-    if narrow is not None:
-        nf4_words.NARROW_MAX_M = narrow
+for index, ((overlap, budget, sdpa, split, bucket, mixed), value) in enumerate(zip(runs, values)):
+    if value is not None:
+        setattr(module, attr, value)
     nf4_words.PREFILL_M_BUCKET = bucket
     model_mod.SDPA_BACKENDS = QUIVER_SDPA if sdpa == "quiver" else [SDPBackend.CUDNN_ATTENTION] + QUIVER_SDPA
     e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap,
@@ -125,12 +132,13 @@ for (overlap, budget, sdpa, split, bucket, mixed), narrow in zip(runs, narrows):
     row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3, tokens=tokens,
                tok_s=tokens / wall, batched_tokens=budget, sdpa=sdpa, split=split, m_bucket=bucket, mixed=mixed)
     key = f"overlap={overlap},budget={budget},sdpa={sdpa},split={split},m_bucket={bucket},mixed={mixed}"
-    key += "" if narrow is None else f",narrow_max_m={narrow}"
+    key += "" if value is None else f",{attr}={value}"
     seen = sum(k.split("#")[0] == key for k in out)
     key += f"#{seen + 1}" if seen else ""
     out[key] = row
     print(key, json.dumps(row), flush=True)
-    if args.profile_eager and key == f"overlap=True,budget={b0},sdpa={s0},split={p0},m_bucket={m0},mixed={x0}#2":
+    first = f"overlap=True,budget={b0},sdpa={s0},split={p0},m_bucket={m0},mixed={x0}#2"
+    if args.profile_eager and (key == first or args.set and index in (len(values) - 2, len(values) - 1)):
         from torch.profiler import ProfilerActivity, profile
 
         e._collect()

@@ -5,7 +5,11 @@ mixed-step graphs on and off (--mixed on,off,on,off; the padding then stays at 6
 closed loop, 32 requests in flight, 128 prompt and 128 new tokens, no adapters.
 
     python3 docs/results/h200/serve_bucket_probe.py [--buckets 64,1,64,1 | --mixed on,off,on,off] [--warmup 15] [--duration 25]
-        [--adapters 32]
+        [--adapters 32] [--paged on,off,on,off]
+
+--paged: paged mixed steps (server/engine/mixed_graphs.PAGED_MAX_KEYS; off = 0) alternated,
+mixed-step graphs on, instead of --buckets. Needs docs/results/h200/paged_mixed_steps_r14.patch
+applied (measured in round 14 and not kept, docs/BENCHMARKS.md).
 
 --adapters N: N random rank-16 LoRA adapters (q, k, v, o) served from a temporary adapter
 directory (N slots, the server's default pool rank), the requests spread uniformly over them.
@@ -19,6 +23,7 @@ import tempfile
 import torch
 
 import quiver.kernels.nf4_words as nf4_words
+import quiver.server.engine.mixed_graphs as mixed_graphs
 from quiver.loadtest.bench_engine import random_llama, word_tokenizer
 from quiver.loadtest.bench_serve import serve_and_load, write_adapters
 from quiver.server.config import ServerConfig
@@ -30,6 +35,7 @@ ap.add_argument("--duration", type=float, default=25.0)
 ap.add_argument("--layers", type=int, default=32)
 ap.add_argument("--mixed", default=None, help="comma list of on | off: mixed-step graphs, alternated instead of --buckets")
 ap.add_argument("--adapters", type=int, default=0)
+ap.add_argument("--paged", default=None, help="comma list of on | off: paged mixed steps, alternated instead of --buckets")
 args = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 load_args = argparse.Namespace(concurrency=32, max_model_len=1024, warmup=args.warmup, duration=args.duration,
@@ -43,9 +49,13 @@ if args.adapters:
 serve_and_load(loaded, "on", load_args, measure=False)  # the first server of a process compiles
 settings = [("m_bucket", int(b)) for b in args.buckets.split(",")] if args.mixed is None else \
     [("mixed_graphs", m) for m in args.mixed.split(",")]
+settings = [("paged", p) for p in args.paged.split(",")] if args.paged else settings
+PAGED = mixed_graphs.PAGED_MAX_KEYS
 for name, value in settings:
     if name == "m_bucket":
         nf4_words.PREFILL_M_BUCKET = value
+    elif name == "paged":
+        mixed_graphs.PAGED_MAX_KEYS = PAGED if value == "on" else 0
     else:
         load_args.mixed_graphs = value
     r = serve_and_load(loaded, "on", load_args)
