@@ -323,13 +323,16 @@ def test_arena_range_is_not_reused_while_its_copies_run():
     assert in_arena(w3)
 
 
+@pytest.mark.parametrize("overlap_mixed", [False, True])
 @pytest.mark.parametrize("quantize,dtype", [("nf4", "bfloat16"), ("none", "float32")])
-def test_cuda_mixed_graphs_equal_eager_steps(tmp_path, quantize, dtype):
+def test_cuda_mixed_graphs_equal_eager_steps(tmp_path, monkeypatch, quantize, dtype, overlap_mixed):
     """Steps with a prefill chunk replay the captured per-layer graphs (server/engine/mixed_graphs.py):
     with LoRA adapters and base requests, prefills beside running decodes, every token and
     logits row equals the same engine's with mixed graphs off; the graphs were captured (with
-    adapters: every step here holds an adapter request) and stayed on."""
+    adapters: every step here holds an adapter request) and stayed on. overlap_mixed: those steps
+    are launched before the step before's tokens come to the host (engine.OVERLAP_MIXED)."""
     from peft import LoraConfig, get_peft_model
+    import quiver.server.engine.engine as engine_module
 
     from adapter_factory import perturb
     from conftest import capture_logits, run_staggered
@@ -364,6 +367,7 @@ def test_cuda_mixed_graphs_equal_eager_steps(tmp_path, quantize, dtype):
 
     eager, want_tokens, want_rows = run(False)
     assert eager.runner.mixed is None
+    monkeypatch.setattr(engine_module, "OVERLAP_MIXED", overlap_mixed)
     engine, got_tokens, got_rows = run(True)
     mixed = engine.runner.mixed
     assert mixed.enabled and any(k[1] for k in mixed.sets), sorted(mixed.sets)  # captured, with adapters

@@ -21,8 +21,10 @@ from quiver.adapters.lora import save_lora
 from quiver.adapters.manager import AdapterConfig, AdapterManager
 from quiver.adapters.weights import AdapterInfo, AdapterWeights, LoraDelta
 from quiver.server.config import EngineConfig, SamplingParams
+from quiver.server.engine import engine as engine_module
 from quiver.server.engine.engine import Engine
 from quiver.server.engine.mixed_graphs import MixedGraphs
+from quiver.server.engine.runner import ModelRunner
 
 NAMES = [None, "lora", "ia3", "prefix", "bottleneck", "bitfit", "prompt"]
 
@@ -49,10 +51,11 @@ def adapter_root(fp32_model, tmp_path_factory):
     return root
 
 
-def run(fp32_model, root, mixed: bool, split: bool):
+def run(fp32_model, root, mixed: bool, split: bool, overlap: bool = False):
     manager = AdapterManager(AdapterConfig(str(root)), BaseSpec.from_model(fp32_model.model), fp32_model.name,
                              torch.float32, torch.device("cpu"))
-    engine = Engine(fp32_model, EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=128),
+    engine = Engine(fp32_model, EngineConfig(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=128,
+                                             overlap=overlap),
                     adapters=manager)
     engine.runner.split_decodes = split
     calls = []
@@ -83,6 +86,28 @@ def test_mixed_steps_through_the_pieces_equal_the_eager_engine(fp32_model, adapt
     assert len(mixed) >= 4 and any(adapters for _, adapters in mixed)
     assert len({-(-t // 64) for t, _ in mixed}) == 2, "steps in both token buckets (64, 128)"
 
+
+
+def test_mixed_steps_launched_before_the_step_befores_tokens_equal_the_eager_engine(fp32_model, adapter_root,
+                                                                                     monkeypatch):
+    """OVERLAP_MIXED: a step with a prefill chunk that the pieces take is launched before the
+    step before's tokens come to the host; its decode rows read those tokens on the device."""
+    want_tokens, want_rows, _ = run(fp32_model, adapter_root, mixed=False, split=True)
+    monkeypatch.setattr(engine_module, "OVERLAP_MIXED", True)
+    fed = []  # steps with a prefill chunk launched while the step before's tokens were on the device
+    inner = ModelRunner.run
+
+    def spy(self, scheduled, feed=None):
+        if any(item.num_tokens > 1 for item in scheduled):
+            fed.append(feed is not None)
+        return inner(self, scheduled, feed)
+
+    monkeypatch.setattr(ModelRunner, "run", spy)
+    got_tokens, got_rows, calls = run(fp32_model, adapter_root, mixed=True, split=True, overlap=True)
+    assert got_tokens == want_tokens
+    for got, want in zip(got_rows, want_rows):
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-3, rtol=1e-3)
+    assert any(t > 8 for t, _ in calls) and sum(fed) >= 3, fed
 
 def test_capture_all_then_a_failed_capture_runs_steps_eagerly(fp32_model, monkeypatch):
     """capture_all captures every token bucket without adapters, largest first, once; a step

@@ -43,6 +43,10 @@ from quiver.server.loader import LoadedModel
 from quiver.server.model import KVCache
 
 log = logging.getLogger(__name__)
+# A step with a prefill chunk takes the step before's tokens first (Engine.step). True: a step
+# that the mixed-step graphs take is launched first, its host work beside the step before's GPU
+# time, as a decode step is.
+OVERLAP_MIXED = False
 
 # Prompt lengths of the start-up warm-up (Engine.warm_up): one step with a prefill each, across
 # the NF4 word kernel's batch-row buckets (<= 16, 32, 64, 128, and the dequantize + cuBLAS path
@@ -331,7 +335,9 @@ class Engine:
             handle = self._handles[self.scheduler.waiting[0].request_id]
             self._finish(handle, None, error="request does not fit in the KV cache", kind="resource_exhausted")
             return
-        if self._launched is not None and any(item.num_tokens > 1 for item in scheduled):
+        mixed = self.runner.mixed
+        if self._launched is not None and any(item.num_tokens > 1 for item in scheduled) and \
+                not (OVERLAP_MIXED and mixed is not None and mixed.eligible(scheduled)):
             # a prefill chunk: the step is launched op by op (no graph) and the host is the
             # bound, so there is little to overlap; take the tokens first, so that they (often
             # a first token) are not held back behind this long launch

@@ -4,7 +4,7 @@ by kind (graph replay vs eager step with a prefill), overlapped steps on and off
 
     python3 docs/results/h200/closed_loop_probe.py --layers 32 --steps 600 [--profile-eager]
         [--batched-tokens 512,128] [--sdpa quiver,all] [--split on,off] [--m-bucket 64,1] [--mixed on,off]
-        [--set mixed_graphs.PAGED_MAX_KEYS=65536,0,65536,0]
+        [--set mixed_graphs.PAGED_MAX_KEYS=65536,0,65536,0] [--set engine.OVERLAP_MIXED=1,0,1,0]
 
 Runs: overlap on (cold), off, on (warm) at the first --batched-tokens value (the step's token
 budget, max_num_batched_tokens) and --sdpa value, then overlap on at each further value of
@@ -14,9 +14,12 @@ step's decode rows through the paged decode kernel (ModelRunner.split_decodes) o
 --m-bucket: the prefill path's row padding (kernels/nf4_words.PREFILL_M_BUCKET; 1 = none);
 --mixed: steps with a prefill chunk through the mixed-step graphs (EngineConfig.mixed_graphs) or op by op.
 --set: instead of the runs above, one run (overlap on) at each value of an integer constant of
-kernels/nf4_words (NARROW_MAX_M: the word kernel's row limit for outputs narrower than WIDE_N)
+kernels/nf4_words (NARROW_MAX_M: the word kernel's row limit for outputs narrower than WIDE_N;
+DEQUANT_MULTI_K: from this K the dequantize kernel runs 2 word groups per program)
 or server/engine/mixed_graphs (PAGED_MAX_KEYS: 0 turns paged mixed steps off; it exists with
-docs/results/h200/paged_mixed_steps_r14.patch applied, measured in round 14 and not kept).
+docs/results/h200/paged_mixed_steps_r14.patch applied, measured in round 14 and not kept)
+or server/engine/engine (OVERLAP_MIXED: 1 launches a step that the mixed-step graphs take before
+the step before's tokens come to the host). Repeated, run i sets the i-th value of every --set.
 
 --profile-eager: after the second default run (with --set: after each of the last two runs), one more step (a new prompt beside the running decodes)
 under torch.profiler: its host time and the kernels' time, by op.
@@ -30,6 +33,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import quiver.kernels.nf4_words as nf4_words
+import quiver.server.engine.engine as engine_mod
 import quiver.server.engine.mixed_graphs as mixed_graphs
 import quiver.server.model as model_mod
 
@@ -50,9 +54,10 @@ ap.add_argument("--sdpa", default="quiver", help="comma list of quiver | all")
 ap.add_argument("--split", default="on", help="comma list of on | off: an eager step's decodes through the decode kernel")
 ap.add_argument("--m-bucket", default=str(nf4_words.PREFILL_M_BUCKET), help="comma list: prefill path row padding")
 ap.add_argument("--mixed", default="on", help="comma list of on | off: mixed-step graphs")
-ap.add_argument("--set", default=None, metavar="MODULE.NAME=V1,V2,...",
-                help="a module constant (nf4_words.NARROW_MAX_M, mixed_graphs.PAGED_MAX_KEYS), one run with "
-                     "overlap on at each value, instead of the runs above")
+ap.add_argument("--set", action="append", metavar="MODULE.NAME=V1,V2,...",
+                help="a module constant (nf4_words.NARROW_MAX_M, mixed_graphs.PAGED_MAX_KEYS, engine.OVERLAP_MIXED), "
+                     "one run with overlap on at each value, instead of the runs above; repeated: the i-th values "
+                     "of every --set in run i")
 args = ap.parse_args()
 device = torch.device(args.device)
 loaded = random_llama(args.layers, "nf4", torch.bfloat16 if device.type == "cuda" else torch.float32, device)
@@ -67,16 +72,20 @@ runs += [(True, b0, s0, p, m0, x0) for p in splits[1:]] + [(True, b0, s0, p0, m,
 runs += [(True, b0, s0, p0, m0, x) for x in mixeds[1:]]
 runs += [(True, b0, s0, p0, m0, x0)] if len(budgets) + len(sdpas) + len(splits) + len(buckets) + len(mixeds) > 5 else []
 values = [None] * len(runs)
-if args.set:
-    name, _, listed = args.set.partition("=")
-    module, attr = {"nf4_words": nf4_words, "mixed_graphs": mixed_graphs}[name.split(".")[0]], name.split(".")[1]
-    assert hasattr(module, attr), f"no {name}"
-    values = [int(v) for v in listed.split(",")]
+if args.set:  # each --set: (module, attr, values); run i sets value i of every one
+    sets = []
+    for spec in args.set:
+        name, _, listed = spec.partition("=")
+        module = {"nf4_words": nf4_words, "mixed_graphs": mixed_graphs, "engine": engine_mod}[name.split(".")[0]]
+        assert hasattr(module, name.split(".")[1]), f"no {name}"
+        sets.append((module, name.split(".")[1], [int(v) for v in listed.split(",")]))
+    assert len({len(v) for _, _, v in sets}) == 1, "every --set names as many values"
+    values = [[(module, attr, vs[i]) for module, attr, vs in sets] for i in range(len(sets[0][2]))]
     runs = [(True, b0, s0, p0, m0, x0)] * len(values)
 QUIVER_SDPA = list(model_mod.SDPA_BACKENDS)
 for index, ((overlap, budget, sdpa, split, bucket, mixed), value) in enumerate(zip(runs, values)):
-    if value is not None:
-        setattr(module, attr, value)
+    for module, attr, v in value or []:
+        setattr(module, attr, v)
     nf4_words.PREFILL_M_BUCKET = bucket
     model_mod.SDPA_BACKENDS = QUIVER_SDPA if sdpa == "quiver" else [SDPBackend.CUDNN_ATTENTION] + QUIVER_SDPA
     e = Engine(loaded, EngineConfig(max_num_seqs=args.concurrency, max_model_len=1024, overlap=overlap,
@@ -132,7 +141,7 @@ for index, ((overlap, budget, sdpa, split, bucket, mixed), value) in enumerate(z
     row.update(wall_s=wall, finished=finished, ms_per_step=wall / args.steps * 1e3, tokens=tokens,
                tok_s=tokens / wall, batched_tokens=budget, sdpa=sdpa, split=split, m_bucket=bucket, mixed=mixed)
     key = f"overlap={overlap},budget={budget},sdpa={sdpa},split={split},m_bucket={bucket},mixed={mixed}"
-    key += "" if value is None else f",{attr}={value}"
+    key += "".join(f",{attr}={v}" for _, attr, v in value or [])
     seen = sum(k.split("#")[0] == key for k in out)
     key += f"#{seen + 1}" if seen else ""
     out[key] = row

@@ -5,11 +5,14 @@ mixed-step graphs on and off (--mixed on,off,on,off; the padding then stays at 6
 closed loop, 32 requests in flight, 128 prompt and 128 new tokens, no adapters.
 
     python3 docs/results/h200/serve_bucket_probe.py [--buckets 64,1,64,1 | --mixed on,off,on,off] [--warmup 15] [--duration 25]
-        [--adapters 32] [--paged on,off,on,off]
+        [--adapters 32] [--paged on,off,on,off] [--overlap-mixed on,off,on,off]
 
 --paged: paged mixed steps (server/engine/mixed_graphs.PAGED_MAX_KEYS; off = 0) alternated,
 mixed-step graphs on, instead of --buckets. Needs docs/results/h200/paged_mixed_steps_r14.patch
 applied (measured in round 14 and not kept, docs/BENCHMARKS.md).
+
+--overlap-mixed: server/engine/engine.OVERLAP_MIXED alternated (a step that the mixed-step graphs
+take is launched before the step before's tokens come to the host), instead of --buckets.
 
 --adapters N: N random rank-16 LoRA adapters (q, k, v, o) served from a temporary adapter
 directory (N slots, the server's default pool rank), the requests spread uniformly over them.
@@ -23,6 +26,7 @@ import tempfile
 import torch
 
 import quiver.kernels.nf4_words as nf4_words
+import quiver.server.engine.engine as engine_mod
 import quiver.server.engine.mixed_graphs as mixed_graphs
 from quiver.loadtest.bench_engine import random_llama, word_tokenizer
 from quiver.loadtest.bench_serve import serve_and_load, write_adapters
@@ -36,6 +40,7 @@ ap.add_argument("--layers", type=int, default=32)
 ap.add_argument("--mixed", default=None, help="comma list of on | off: mixed-step graphs, alternated instead of --buckets")
 ap.add_argument("--adapters", type=int, default=0)
 ap.add_argument("--paged", default=None, help="comma list of on | off: paged mixed steps, alternated instead of --buckets")
+ap.add_argument("--overlap-mixed", default=None, help="comma list of on | off: engine.OVERLAP_MIXED, alternated")
 args = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 load_args = argparse.Namespace(concurrency=32, max_model_len=1024, warmup=args.warmup, duration=args.duration,
@@ -50,10 +55,13 @@ serve_and_load(loaded, "on", load_args, measure=False)  # the first server of a 
 settings = [("m_bucket", int(b)) for b in args.buckets.split(",")] if args.mixed is None else \
     [("mixed_graphs", m) for m in args.mixed.split(",")]
 settings = [("paged", p) for p in args.paged.split(",")] if args.paged else settings
-PAGED = mixed_graphs.PAGED_MAX_KEYS
+settings = [("overlap_mixed", o) for o in args.overlap_mixed.split(",")] if args.overlap_mixed else settings
+PAGED = getattr(mixed_graphs, "PAGED_MAX_KEYS", 0)
 for name, value in settings:
     if name == "m_bucket":
         nf4_words.PREFILL_M_BUCKET = value
+    elif name == "overlap_mixed":
+        engine_mod.OVERLAP_MIXED = value == "on"
     elif name == "paged":
         mixed_graphs.PAGED_MAX_KEYS = PAGED if value == "on" else 0
     else:
