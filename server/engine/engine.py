@@ -45,8 +45,9 @@ from quiver.server.model import KVCache
 log = logging.getLogger(__name__)
 # A step with a prefill chunk takes the step before's tokens first (Engine.step). True: a step
 # that the mixed-step graphs take is launched first, its host work beside the step before's GPU
-# time, as a decode step is.
-OVERLAP_MIXED = False
+# time, as a decode step is. H200 serving, 32 adapters (docs/results/h200/serve_overlap_mixed_r15.log):
+# 3959/4017 tok/s against 3773/3781 off (1.05-1.06x), TTFT p50 78-84 against 103-107 ms.
+OVERLAP_MIXED = True
 
 # Prompt lengths of the start-up warm-up (Engine.warm_up): one step with a prefill each, across
 # the NF4 word kernel's batch-row buckets (<= 16, 32, 64, 128, and the dequantize + cuBLAS path
