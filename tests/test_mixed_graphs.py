@@ -87,7 +87,6 @@ def test_mixed_steps_through_the_pieces_equal_the_eager_engine(fp32_model, adapt
     assert len({-(-t // 64) for t, _ in mixed}) == 2, "steps in both token buckets (64, 128)"
 
 
-
 def test_mixed_steps_launched_before_the_step_befores_tokens_equal_the_eager_engine(fp32_model, adapter_root,
                                                                                      monkeypatch):
     """OVERLAP_MIXED: a step with a prefill chunk that the pieces take is launched before the
@@ -108,6 +107,7 @@ def test_mixed_steps_launched_before_the_step_befores_tokens_equal_the_eager_eng
     for got, want in zip(got_rows, want_rows):
         torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-3, rtol=1e-3)
     assert any(t > 8 for t, _ in calls) and sum(fed) >= 3, fed
+
 
 def test_capture_all_then_a_failed_capture_runs_steps_eagerly(fp32_model, monkeypatch):
     """capture_all captures every token bucket without adapters, largest first, once; a step

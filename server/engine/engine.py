@@ -11,9 +11,9 @@ stay on the device, and the next step is scheduled and launched before they reac
 its input ids are placeholders that the device fills from those tokens (sequence.py). The
 host then takes the tokens, streams them and checks the stop conditions while the device
 runs that next step, so the device does not wait for host work. A step with a prefill chunk
-takes the tokens before it is launched instead (its attention is launched op by op, around
-the mixed-step graphs or with every other op where they are off, and bound by the host; that
-long launch would hold back the tokens, often first tokens). The costs: a sequence
+that the mixed-step graphs take is launched the same way (OVERLAP_MIXED); one they do not take
+is launched op by op and bound by the host, so it takes the tokens before it is launched
+instead (that long launch would hold back the tokens, often first tokens). The costs: a sequence
 that stops on EOS, a stop string or a cancel has had one more token computed, which is
 dropped; and a request may share its batch with a stopped sequence one step longer, or be
 admitted one step later. Given the same logits a step samples the same tokens (seeded
@@ -339,9 +339,9 @@ class Engine:
         mixed = self.runner.mixed
         if self._launched is not None and any(item.num_tokens > 1 for item in scheduled) and \
                 not (OVERLAP_MIXED and mixed is not None and mixed.eligible(scheduled)):
-            # a prefill chunk: the step is launched op by op (no graph) and the host is the
-            # bound, so there is little to overlap; take the tokens first, so that they (often
-            # a first token) are not held back behind this long launch
+            # a prefill chunk outside the mixed-step graphs: the step is launched op by op and
+            # the host is the bound, so there is little to overlap; take the tokens first, so
+            # that they (often a first token) are not held back behind this long launch
             self._collect()
             scheduled = [item for item in scheduled if not item.seq.finished]
             if not scheduled:

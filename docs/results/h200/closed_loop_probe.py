@@ -14,12 +14,11 @@ step's decode rows through the paged decode kernel (ModelRunner.split_decodes) o
 --m-bucket: the prefill path's row padding (kernels/nf4_words.PREFILL_M_BUCKET; 1 = none);
 --mixed: steps with a prefill chunk through the mixed-step graphs (EngineConfig.mixed_graphs) or op by op.
 --set: instead of the runs above, one run (overlap on) at each value of an integer constant of
-kernels/nf4_words (NARROW_MAX_M: the word kernel's row limit for outputs narrower than WIDE_N;
-DEQUANT_MULTI_K: from this K the dequantize kernel runs 2 word groups per program)
+kernels/nf4_words (NARROW_MAX_M: the word kernel's row limit for outputs narrower than WIDE_N)
 or server/engine/mixed_graphs (PAGED_MAX_KEYS: 0 turns paged mixed steps off; it exists with
 docs/results/h200/paged_mixed_steps_r14.patch applied, measured in round 14 and not kept)
 or server/engine/engine (OVERLAP_MIXED: 1 launches a step that the mixed-step graphs take before
-the step before's tokens come to the host). Repeated, run i sets the i-th value of every --set.
+the step before's tokens come to the host; on by default since round 15). Repeated, run i sets the i-th value of every --set.
 
 --profile-eager: after the second default run (with --set: after each of the last two runs), one more step (a new prompt beside the running decodes)
 under torch.profiler: its host time and the kernels' time, by op.
