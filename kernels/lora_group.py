@@ -38,8 +38,8 @@ if HAS_TRITON:
 
     from .lora import _bgmv_expand_body, _bgmv_shrink_body
 
-__all__ = ["GroupMember", "ShrinkPlan", "check_members", "group_shrink", "lora_group", "reference_lora_group", "shrink_plan",
-           "triton_lora_group", "MAX_MEMBERS"]
+__all__ = ["ExpandPlan", "GroupMember", "ShrinkPlan", "check_members", "group_shrink", "lora_group", "reference_lora_group", "shrink_plan",
+           "tile_expand_plan", "triton_lora_group", "MAX_MEMBERS"]
 
 MAX_MEMBERS = 3
 # Pools of rank <= FLAT_MAX_RANK: the BGMV loads wait for the token's slot only, not its rank
@@ -93,6 +93,57 @@ if HAS_TRITON:
                           _pick(g, h0, h1, h2), pid_t, pid_r, pid_z % SPLIT_K, H_in,
                           K_PER_SPLIT, stride_xt, stride_as, stride_ar, stride_ht, BLOCK_R, BLOCK_K, SPLIT_K, True,
                           R_FLAT)
+
+    @triton.jit
+    def _member_terms(acc_p, offs_n, n_mask, m_c, ts, ok, r, h_ptr, b_ptr, map_ptr, rank_ptr, scale_ptr, col, width,
+                      stride_ht, stride_bs, stride_bn, stride_br):
+        """acc_p [BLOCK_N, C] += B[s, n - col, r] * scaling[s] * h[m, r] for the columns n of one
+        member and the (row m, rank r) pairs of C (s = the row's slot in this member's stack)."""
+        s = tl.load(map_ptr + ts + 1, mask=ok, other=-1)
+        has = s >= 0
+        sc = tl.maximum(s, 0).to(tl.int64)
+        rk = tl.load(rank_ptr + sc, mask=has, other=0)
+        okg = ok & (r < rk)  # B and h past a slot's rank are never read (they may hold anything)
+        coef = tl.load(h_ptr + m_c.to(tl.int64) * stride_ht + r, mask=okg, other=0.0, cache_modifier=".cg")
+        coef = coef * tl.load(scale_ptr + sc, mask=okg, other=0.0)
+        in_n = n_mask & (offs_n >= col) & (offs_n < col + width)
+        b_rows = b_ptr + sc[None, :] * stride_bs + (offs_n - col).to(tl.int64)[:, None] * stride_bn
+        bv = tl.load(b_rows + r[None, :] * stride_br, mask=in_n[:, None] & okg[None, :], other=0.0)
+        return acc_p + bv.to(tl.float32) * coef[None, :]
+
+    @triton.jit
+    def _group_expand_tile(acc, offs_n, n_mask, offs_m, m_first, m_step, m_end, slot_ptr, h0, h1, h2, b0, b1, b2,
+                           m0, m1, m2, r0, r1, r2, s0, s1, s2, c0, c1, c2, w0, w1, w2, stride_ht, stride_bs0,
+                           stride_bs1, stride_bs2, stride_bn, stride_br0, stride_br1, stride_br2, R,
+                           BLOCK_N: tl.constexpr, MEMBERS: tl.constexpr, RP: tl.constexpr, JC: tl.constexpr, NCH: tl.constexpr,
+                           DOT_TY: tl.constexpr):
+        """The expand of a transposed output tile acc [BLOCK_N, BLOCK_M] (acc[n, m] = y[m, n]),
+        for its rows m_first, m_first + m_step, ... < m_end and every member's columns:
+            acc[n, m] += scaling[s] * h[m, :r] @ B[s, n - col, :r]     (s, r: the row's slot, rank)
+        in chunks of JC rows x RP ranks: P [BLOCK_N, JC*RP] holds the products, and one dot with
+        the 0/1 matrix E [JC*RP, BLOCK_M] (E[(j, r), m] = row j is m) sums each row's ranks into
+        its column. P is split into DOT_TY high and low parts (two dots), so the sum keeps about
+        16 bits of each product, not DOT_TY's 8 (bf16)."""
+        c = tl.arange(0, JC * RP)
+        r = c % RP
+        for q in tl.static_range(NCH):
+            m_c = m_first + (q * JC + c // RP) * m_step
+            ok = (m_c < m_end) & (r < R)
+            ts = tl.load(slot_ptr + m_c, mask=ok, other=-1)
+            p = tl.zeros([BLOCK_N, JC * RP], dtype=tl.float32)
+            p = _member_terms(p, offs_n, n_mask, m_c, ts, ok, r, h0, b0, m0, r0, s0, c0, w0, stride_ht, stride_bs0,
+                              stride_bn, stride_br0)
+            if MEMBERS > 1:
+                p = _member_terms(p, offs_n, n_mask, m_c, ts, ok, r, h1, b1, m1, r1, s1, c1, w1, stride_ht,
+                                  stride_bs1, stride_bn, stride_br1)
+            if MEMBERS > 2:
+                p = _member_terms(p, offs_n, n_mask, m_c, ts, ok, r, h2, b2, m2, r2, s2, c2, w2, stride_ht,
+                                  stride_bs2, stride_bn, stride_br2)
+            e = (offs_m[None, :] == m_c[:, None]).to(DOT_TY)
+            hi = p.to(DOT_TY)
+            acc = tl.dot(hi, e, acc)
+            acc = tl.dot((p - hi.to(tl.float32)).to(DOT_TY), e, acc)
+        return acc
 
     @triton.jit
     def _group_shrink_kernel(x_ptr, slot_ptr, a0, a1, a2, m0, m1, m2, r0, r1, r2, h0, h1, h2, H_in, K_PER_SPLIT,
@@ -173,6 +224,40 @@ def shrink_plan(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMe
     args = (x, token_slot, *[m.a for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
             *[m.h for m in ms], H_in, k_per_split, x.stride(0), a.stride(0), a.stride(1), members[0].h.stride(0))
     return ShrinkPlan(T, n_rb, split_k, G, args, block_r, block_k, _flat(R, block_r))
+
+
+# A tile's expand (_group_expand_tile) takes pools of rank <= TILE_EXPAND_MAX_RANK, in chunks of
+# (rows x ranks) products per output column that hold about TILE_EXPAND_PER_THREAD float32
+# products per thread (register room beside the tile's accumulator)
+TILE_EXPAND_MAX_RANK = 32
+TILE_EXPAND_PER_THREAD = 32
+
+
+@dataclass
+class ExpandPlan:
+    """The expand of an output tile's rows inside the kernel that computes the tile
+    (`_group_expand_tile`): its arguments after slot_ptr, in order, and its constexprs."""
+    args: tuple
+    consts: dict
+
+
+def tile_expand_plan(members: list[GroupMember], block_m: int, block_n: int, split: int,
+                     num_warps: int) -> ExpandPlan | None:
+    """For tiles [block_n outputs, block_m rows] whose split-K programs each take every
+    split-th row; None where the pool's rank is past TILE_EXPAND_MAX_RANK (the expand launch
+    serves it)."""
+    R = members[0].a.shape[1]
+    rp = max(16, _next_pow2(R))
+    if rp > TILE_EXPAND_MAX_RANK:
+        return None
+    ms = members + [members[0]] * (MAX_MEMBERS - len(members))
+    widths = [m.b.shape[1] for m in members] + [0] * (MAX_MEMBERS - len(members))  # padding members own no column
+    rows = _cdiv(block_m, split)  # rows of one split program
+    jc = max(1, min(rows, TILE_EXPAND_PER_THREAD * 32 * num_warps // block_n // rp))
+    args = (*[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
+            *[m.scaling for m in ms], *[m.col for m in ms], *widths, members[0].h.stride(0),
+            *[m.b.stride(0) for m in ms], members[0].b.stride(1), *[m.b.stride(2) for m in ms], R)
+    return ExpandPlan(args, dict(EX_MEMBERS=len(members), EX_RP=rp, EX_JC=jc, EX_NCH=_cdiv(rows, jc)))
 
 
 def _flat(R: int, block_r: int) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -313,6 +314,17 @@ def _time_generate(pm, hf, batch, n_adapters, n, prompt_len, steps) -> dict:
     return {"batch": batch, "adapters": n_adapters, "ms_per_step": ms, "tok_s": batch * 1e3 / ms, "system": "hf+peft"}
 
 
+def parse_env(spec: str) -> dict:
+    """NAME=VALUE[,NAME=VALUE] (an --env) as a dict."""
+    env = {}
+    for item in filter(None, spec.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--env takes NAME=VALUE[,NAME=VALUE], not {spec!r}")
+        env[name] = value
+    return env
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="embedded", help="embedded | llama2-7b | a local model path")
@@ -337,8 +349,12 @@ def main(argv=None) -> int:
                                                   "(kernel time table, torch.profiler)")
     ap.add_argument("--host-profile", type=int, default=0,
                     help="after the timed steps, profile this many more decode steps on the host (cProfile)")
+    ap.add_argument("--env", action="append", default=[],
+                    help="NAME=VALUE[,NAME=VALUE]: the batch's rows run once per --env, in order, with these "
+                         "environment variables set (e.g. --env QUIVER_EXPAND_IN_BASE=0 --env QUIVER_EXPAND_IN_BASE=1)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
+    envs = {spec: parse_env(spec) for spec in args.env}  # refused before the model loads
     device = pick_device("auto")
     batches = [int(b) for b in args.batch.split(",")]
     adapter_counts = [int(a) for a in args.adapters.split(",")]
@@ -360,14 +376,17 @@ def main(argv=None) -> int:
             cold = cold_load(loaded, ranks[0], targets)
             print(json.dumps(cold), flush=True)
             extra_rows.append({**cold, "quantize": quantize})
-        for batch in batches:
+        for batch, env in ((b, e) for b in batches for e in (args.env or [""])):
             base_ms = None
+            os.environ.update(envs.get(env, {}))  # switches read at every launch or graph capture
             for n in adapter_counts:
                 r = time_decode(loaded, batch, n, ranks, targets, args.prompt_len, args.steps, cache,
                                 args.methods.split(","), profile=batch in profile_batches, pool_rank=args.pool_rank,
                                 host_profile=args.host_profile)
                 r.update(system="quiver", quantize=quantize, weight_mib=loaded.weight_bytes / 2**20,
                          methods=args.methods, ranks=args.ranks, pool_rank=args.pool_rank or max(ranks))
+                if env:
+                    r["env"] = env
                 if n == 0:
                     base_ms = r["ms_per_step"]
                 r["vs_no_adapters"] = r["ms_per_step"] / base_ms if base_ms else None
@@ -399,7 +418,8 @@ def main(argv=None) -> int:
         vs = f"{r['vs_no_adapters']:.3f}x" if r.get("vs_no_adapters") else "-"
         lim = f"{r['limit_ms']:.2f}" if r.get("limit_ms") else "-"
         gpu = f"{r['graph_ms']:.2f}" if r.get("graph_ms") else "-"
-        table.append(f"| {r['system']} | {r.get('quantize', '-')} | {r['batch']} | {r['adapters']} | "
+        system = f"{r['system']} ({r['env']})" if r.get("env") else r["system"]
+        table.append(f"| {system} | {r.get('quantize', '-')} | {r['batch']} | {r['adapters']} | "
                      f"{r['ms_per_step']:.2f} | {gpu} | {r['tok_s']:.0f} | {vs} | {lim} |")
     print("\n".join(table))
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,

@@ -1,5 +1,7 @@
 """The engine-level benchmark runs (tiny settings) and reports sane numbers."""
 
+import pytest
+
 from quiver.loadtest import bench_engine
 
 
@@ -50,6 +52,30 @@ def test_serial_rows_time_the_engine_without_overlap(tmp_path):
                                                             ("quiver", 2), ("quiver-serial", 2)]
     for quiver, serial in zip(rows[::2], rows[1::2]):
         assert serial["ms_per_step"] > 0 and serial["vs_overlap"] == serial["ms_per_step"] / quiver["ms_per_step"]
+
+
+def test_env_rows_run_once_per_setting_in_order(tmp_path, monkeypatch):
+    """--env: the batch's rows run once per setting, in order, each with its variables set while
+    it runs (a spy on time_decode reads them) and its own no-adapter baseline."""
+    import json
+    import os
+
+    monkeypatch.setenv("QUIVER_EXPAND_IN_BASE", "1")  # restored after the test
+    seen = []
+    real = bench_engine.time_decode
+    monkeypatch.setattr(bench_engine, "time_decode", lambda *a, **k: (
+        seen.append((os.environ["QUIVER_EXPAND_IN_BASE"], a[2])), real(*a, **k))[1])
+    out = tmp_path / "bench.json"
+    assert bench_engine.main(["--batch", "2", "--adapters", "0,2", "--steps", "1", "--prompt-len", "8", "--out",
+                              str(out), "--env", "QUIVER_EXPAND_IN_BASE=0", "--env", "QUIVER_EXPAND_IN_BASE=1"]) == 0
+    assert seen == [("0", 0), ("0", 2), ("1", 0), ("1", 2)]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["env"], r["adapters"]) for r in rows] == [
+        ("QUIVER_EXPAND_IN_BASE=0", 0), ("QUIVER_EXPAND_IN_BASE=0", 2),
+        ("QUIVER_EXPAND_IN_BASE=1", 0), ("QUIVER_EXPAND_IN_BASE=1", 2)]
+    assert rows[3]["vs_no_adapters"] == rows[3]["ms_per_step"] / rows[2]["ms_per_step"]
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        bench_engine.main(["--batch", "2", "--adapters", "0", "--steps", "1", "--env", "NOVALUE"])
 
 
 def test_serving_benchmark_runs_the_load_generator_per_setting(tmp_path):

@@ -300,3 +300,74 @@ def test_shrink_members_are_checked_before_the_launch():
     assert ms[0].h.abs().sum() == 0
     with pytest.raises(AssertionError):  # token_slot of another length
         W.triton_nf4_words_linear(x, words, w.absmax, shrink=(token_slot[:2], ms[:1]))
+
+
+def _want_lora(y, x, token_slot, ms):
+    """y + every member's LoRA delta, in float64 (the naive loop over tokens)."""
+    want = y.double().clone()
+    for m in ms:
+        for t in range(x.shape[0]):
+            s = int(m.slot_map[int(token_slot[t]) + 1])
+            if s >= 0:
+                r = int(m.ranks[s])
+                h = m.a[s, :r].double() @ x[t].double()
+                want[t, m.col:m.col + m.b.shape[1]] += float(m.scaling[s]) * (m.b[s, :, :r].double() @ h)
+    return want
+
+
+@pytest.mark.gpu  # also runs on CPU under the interpreter
+@needs_triton
+@pytest.mark.parametrize("M,widths,R,kw,fused", [
+    (5, (24, 16, 16), 8, dict(split_k=2, block_n=16), True),  # members' columns cut across tiles
+    (20, (32, 8), 16, dict(split_k=4, block_n=16, block_m=16), True),  # two row tiles, 4 rows per split program
+    (2, (16, 8), 8, dict(), True),  # K 1024: the shrink splits K (atomic adds into h)
+    (4, (24, 16), 16, dict(pool=64), True),  # rank-16 views of a rank-64 pool, B rank-major
+    (3, (40,), 32, dict(split_k=1, block_n=16), True),  # one member, 2 chunks of 4 rows x 32 ranks
+    (3, (33, 17), 40, dict(split_k=1), False),  # pool rank past TILE_EXPAND_MAX_RANK: the expand launch
+    (3, (16, 8), 8, dict(gemv=True, split_k=2), False),  # the CUDA-core path: the expand launch
+])
+def test_kernel_tiles_add_the_lora_expands(M, widths, R, kw, fused, monkeypatch):
+    """With shrink and expand, y is the base product plus every member's LoRA delta (float64
+    reference), and the tiles add the deltas themselves (no expand launch) except where they
+    cannot; the launch counters are left zero for the next launch."""
+    from quiver.kernels.nf4 import LOCKS_SIZE, _tile_locks
+    N, K = sum(widths) + 3, 1024 if M == 2 else 256
+    w = synthetic(N, K, seed=M)
+    words = W.words_from_nf4(w)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEV)
+    token_slot = torch.tensor([[0, -1, 3, 2, 1][t % 5] for t in range(M)], dtype=torch.int32, device=DEV)
+    pool = kw.pop("pool", 0)
+    base = W.triton_nf4_words_linear(x, words, w.absmax, **kw)
+    calls = []
+    expand = W.triton_group_expand
+    monkeypatch.setattr(W, "triton_group_expand", lambda *a, **k: (calls.append(1), expand(*a, **k)))
+    for _ in range(2):  # the second launch finds the counters re-armed
+        ms = _lora_members(widths, M, K, R=R, pool=pool)
+        y = W.triton_nf4_words_linear(x, words, w.absmax, shrink=(token_slot, ms), expand=True, **kw)
+        want = _want_lora(base, x, token_slot, ms)
+        tol = dict(rtol=2e-2, atol=5e-2) if CUDA else dict(rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(y.double(), want, **tol)
+        assert (y.double() - base.double()).abs().amax() > 0.1, "no delta was added"
+    assert len(calls) == (0 if fused else 2)
+    assert int(_tile_locks(x.device)[LOCKS_SIZE - W.SYNC_SLOTS:].abs().sum()) == 0
+
+
+@pytest.mark.gpu  # also runs on CPU under the interpreter
+@needs_triton
+def test_nf4_linear_expand_in_either_layout(monkeypatch):
+    """NF4Linear.forward(x, shrink=..., expand=True) gives the LoRA-added y in the word layout
+    (the expands in the kernel's tiles) and the byte layout (shrink and expand launches)."""
+    from quiver.server.quant import NF4Linear
+
+    monkeypatch.setenv("QUIVER_FORCE_TRITON", "1")
+    w = synthetic(40, 256, seed=4)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(2)).to(DEV)
+    if CUDA:
+        x = x.to(torch.bfloat16)
+    token_slot = torch.tensor([2, -1, 0, 3], dtype=torch.int32, device=DEV)
+    for mod in (NF4Linear.from_weight(w), NF4Linear(w, None)):
+        ms = _lora_members((16, 24), 4, 256, seed=5)
+        y = mod(x, shrink=(token_slot, ms), expand=True)
+        tol = dict(rtol=2e-2, atol=5e-2) if CUDA else dict(rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(y.double(), _want_lora(mod(x), x, token_slot, ms), **tol)
