@@ -100,6 +100,9 @@ PREFETCH_GROUPS = 4  # word groups per program prefetched into L2 under PDL (4 x
 # per LoRA projection, not two); False: the group's expand launch follows the kernel
 TILE_EXPAND = True
 SYNC_SLOTS = 4  # the tile expand's launch counters, at the end of the split-K lock buffer
+# Probes only (docs/results/h200/expand_probe.py): 0 the tile expand; 1 without its products;
+# 2 without the wait for the shrinks either; 3 products without tickets or wait (h not ready: wrong y)
+EXPAND_MODE = 0
 
 
 def words_from_nf4(w: NF4Weight) -> torch.Tensor:
@@ -359,6 +362,7 @@ if HAS_TRITON:
         EX_JC: tl.constexpr = 1,
         EX_NCH: tl.constexpr = 1,
         SYNC_AT: tl.constexpr = 0,  # first of the 3 launch counters in lock_ptr (EXPAND)
+        EX_MODE: tl.constexpr = 0,  # EXPAND_MODE (probes only)
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -372,7 +376,11 @@ if HAS_TRITON:
             n0 = tl.num_programs(0)
             tiles = n0 * tl.num_programs(1)
             n_sh = tiles * (tl.num_programs(2) - SPLIT_K)
-            ticket = tl.atomic_add(sync, 1)
+            if EX_MODE == 3:  # (probe) roles by program id, the shrinks after the tiles, no ticket
+                lin = (pid_s * tl.num_programs(1) + pid_m) * n0 + pid_n
+                ticket = tl.where(lin >= tiles * SPLIT_K, lin - tiles * SPLIT_K, lin + n_sh)
+            else:
+                ticket = tl.atomic_add(sync, 1)
             if ticket < n_sh:
                 if ticket < sh_programs:
                     rest = ticket // sh_T
@@ -392,16 +400,18 @@ if HAS_TRITON:
                                   BLOCK_N, False, 0)
                 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                 offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-                done = tl.atomic_add(sync + 1, 0, sem="acquire")
-                while done < sh_programs:
+                if EX_MODE < 2:
                     done = tl.atomic_add(sync + 1, 0, sem="acquire")
+                    while done < sh_programs:
+                        done = tl.atomic_add(sync + 1, 0, sem="acquire")
                 # split pid_s adds the deltas of rows pid_s, pid_s + SPLIT_K, ... of the tile
-                acc = _group_expand_tile(acc, offs_n, offs_n < N, offs_m, pid_m * BLOCK_M + pid_s, SPLIT_K,
-                                         tl.minimum(pid_m * BLOCK_M + BLOCK_M, M), slot_ptr, ex_h0, ex_h1, ex_h2,
-                                         ex_b0, ex_b1, ex_b2, ex_m0, ex_m1, ex_m2, ex_r0, ex_r1, ex_r2, ex_s0, ex_s1,
-                                         ex_s2, ex_c0, ex_c1, ex_c2, ex_w0, ex_w1, ex_w2, ex_stride_ht, ex_sbs0,
-                                         ex_sbs1, ex_sbs2, ex_sbn, ex_sbr0, ex_sbr1, ex_sbr2, ex_R, BLOCK_N,
-                                         EX_MEMBERS, EX_RP, EX_JC, EX_NCH, DOT_TY)
+                if EX_MODE != 1 and EX_MODE != 2:
+                    acc = _group_expand_tile(acc, offs_n, offs_n < N, offs_m, pid_m * BLOCK_M + pid_s, SPLIT_K,
+                                             tl.minimum(pid_m * BLOCK_M + BLOCK_M, M), slot_ptr, ex_h0, ex_h1, ex_h2,
+                                             ex_b0, ex_b1, ex_b2, ex_m0, ex_m1, ex_m2, ex_r0, ex_r1, ex_r2, ex_s0,
+                                             ex_s1, ex_s2, ex_c0, ex_c1, ex_c2, ex_w0, ex_w1, ex_w2, ex_stride_ht,
+                                             ex_sbs0, ex_sbs1, ex_sbs2, ex_sbn, ex_sbr0, ex_sbr1, ex_sbr2, ex_R,
+                                             BLOCK_N, EX_MEMBERS, EX_RP, EX_JC, EX_NCH, DOT_TY)
                 _tile_store(acc, offs_n, offs_m, offs_n < N, offs_m < M, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
                             pid_n, pid_m, pid_s, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
             tl.debug_barrier()
@@ -554,7 +564,7 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
         if ex_plan is not None:
             locks = _tile_locks(x.device)
             ex_args = ex_plan.args
-            sh_const.update(EXPAND=True, SYNC_AT=LOCKS_SIZE - SYNC_SLOTS, **ex_plan.consts)
+            sh_const.update(EXPAND=True, SYNC_AT=LOCKS_SIZE - SYNC_SLOTS, EX_MODE=EXPAND_MODE, **ex_plan.consts)
         expand_after = expand and ex_plan is None
     with _device_ctx(x):
         _nf4_words_kernel[grid](
