@@ -11,7 +11,7 @@ Per projection, for the tokens of each slot (one launch per kind, any mix of met
 For a fused projection group (q|k|v, gate|up: server/fuse.py) `group_linear` does the same
 for all members at once, their LoRAs in two launches (kernels/lora_group.py). The hooks take
 the projection's module, not its output: an NF4 base (server/quant.py) runs the LoRA shrinks
-in its own kernel's launch, and its tiles add the expands where they can (else one expand launch follows).
+in its own kernel's launch, and one expand launch follows.
 The kernels (quiver.kernels) run Triton on CUDA and their PyTorch references on CPU.
 """
 
@@ -33,12 +33,6 @@ def shrink_in_base() -> bool:
     """LoRA shrinks inside the NF4 base kernel's launch (QUIVER_SHRINK_IN_BASE=0: their own
     launch); read at every call (a CUDA graph keeps what its capture read)."""
     return os.environ.get("QUIVER_SHRINK_IN_BASE", "1") != "0"
-
-
-def expand_in_base() -> bool:
-    """With shrink_in_base(): the LoRA expands too, in the NF4 base kernel's launch where its
-    tiles can add them (QUIVER_EXPAND_IN_BASE=0: their own launch after); read at every call."""
-    return os.environ.get("QUIVER_EXPAND_IN_BASE", "1") != "0"
 
 
 class AdapterBatch:
@@ -109,13 +103,10 @@ class AdapterBatch:
 
     def _lora(self, base, x: torch.Tensor, members: list[GroupMember]) -> torch.Tensor:
         """y = base(x) plus the members' LoRA deltas. An NF4 base runs the shrinks in its own
-        launch (shrink_in_base()), and the expands there too where its kernel's tiles can add
-        them (expand_in_base()); else one expand launch."""
+        launch (shrink_in_base()); then one expand launch."""
         if not members:
             return base(x)
         if getattr(base, "takes_shrink", False) and shrink_in_base():
-            if expand_in_base():
-                return base(x, shrink=(self.token_slot, members), expand=True)
             y = base(x, shrink=(self.token_slot, members))
             return lora_group(x, self.token_slot, members, y, shrunk=True)
         return lora_group(x, self.token_slot, members, base(x))

@@ -38,8 +38,8 @@ if HAS_TRITON:
 
     from .lora import _bgmv_expand_body, _bgmv_shrink_body
 
-__all__ = ["ExpandPlan", "GroupMember", "ShrinkPlan", "check_members", "group_shrink", "lora_group", "reference_lora_group", "shrink_plan",
-           "tile_expand_plan", "triton_lora_group", "MAX_MEMBERS"]
+__all__ = ["GroupMember", "ShrinkPlan", "check_members", "group_shrink", "lora_group", "reference_lora_group", "shrink_plan",
+           "triton_lora_group", "MAX_MEMBERS"]
 
 MAX_MEMBERS = 3
 # Pools of rank <= FLAT_MAX_RANK: the BGMV loads wait for the token's slot only, not its rank
@@ -95,57 +95,6 @@ if HAS_TRITON:
                           R_FLAT)
 
     @triton.jit
-    def _member_terms(acc_p, offs_n, n_mask, m_c, ts, ok, r, h_ptr, b_ptr, map_ptr, rank_ptr, scale_ptr, col, width,
-                      stride_ht, stride_bs, stride_bn, stride_br):
-        """acc_p [BLOCK_N, C] += B[s, n - col, r] * scaling[s] * h[m, r] for the columns n of one
-        member and the (row m, rank r) pairs of C (s = the row's slot in this member's stack)."""
-        s = tl.load(map_ptr + ts + 1, mask=ok, other=-1)
-        has = s >= 0
-        sc = tl.maximum(s, 0).to(tl.int64)
-        rk = tl.load(rank_ptr + sc, mask=has, other=0)
-        okg = ok & (r < rk)  # B and h past a slot's rank are never read (they may hold anything)
-        coef = tl.load(h_ptr + m_c.to(tl.int64) * stride_ht + r, mask=okg, other=0.0, cache_modifier=".cg")
-        coef = coef * tl.load(scale_ptr + sc, mask=okg, other=0.0)
-        in_n = n_mask & (offs_n >= col) & (offs_n < col + width)
-        b_rows = b_ptr + sc[None, :] * stride_bs + (offs_n - col).to(tl.int64)[:, None] * stride_bn
-        bv = tl.load(b_rows + r[None, :] * stride_br, mask=in_n[:, None] & okg[None, :], other=0.0)
-        return acc_p + bv.to(tl.float32) * coef[None, :]
-
-    @triton.jit
-    def _group_expand_tile(acc, offs_n, n_mask, offs_m, m_first, m_step, m_end, slot_ptr, h0, h1, h2, b0, b1, b2,
-                           m0, m1, m2, r0, r1, r2, s0, s1, s2, c0, c1, c2, w0, w1, w2, stride_ht, stride_bs0,
-                           stride_bs1, stride_bs2, stride_bn, stride_br0, stride_br1, stride_br2, R,
-                           BLOCK_N: tl.constexpr, MEMBERS: tl.constexpr, RP: tl.constexpr, JC: tl.constexpr, NCH: tl.constexpr,
-                           DOT_TY: tl.constexpr):
-        """The expand of a transposed output tile acc [BLOCK_N, BLOCK_M] (acc[n, m] = y[m, n]),
-        for its rows m_first, m_first + m_step, ... < m_end and every member's columns:
-            acc[n, m] += scaling[s] * h[m, :r] @ B[s, n - col, :r]     (s, r: the row's slot, rank)
-        in chunks of JC rows x RP ranks: P [BLOCK_N, JC*RP] holds the products, and one dot with
-        the 0/1 matrix E [JC*RP, BLOCK_M] (E[(j, r), m] = row j is m) sums each row's ranks into
-        its column. P is split into DOT_TY high and low parts (two dots), so the sum keeps about
-        16 bits of each product, not DOT_TY's 8 (bf16)."""
-        c = tl.arange(0, JC * RP)
-        r = c % RP
-        for q in tl.static_range(NCH):
-            m_c = m_first + (q * JC + c // RP) * m_step
-            ok = (m_c < m_end) & (r < R)
-            ts = tl.load(slot_ptr + m_c, mask=ok, other=-1)
-            p = tl.zeros([BLOCK_N, JC * RP], dtype=tl.float32)
-            p = _member_terms(p, offs_n, n_mask, m_c, ts, ok, r, h0, b0, m0, r0, s0, c0, w0, stride_ht, stride_bs0,
-                              stride_bn, stride_br0)
-            if MEMBERS > 1:
-                p = _member_terms(p, offs_n, n_mask, m_c, ts, ok, r, h1, b1, m1, r1, s1, c1, w1, stride_ht,
-                                  stride_bs1, stride_bn, stride_br1)
-            if MEMBERS > 2:
-                p = _member_terms(p, offs_n, n_mask, m_c, ts, ok, r, h2, b2, m2, r2, s2, c2, w2, stride_ht,
-                                  stride_bs2, stride_bn, stride_br2)
-            e = (offs_m[None, :] == m_c[:, None]).to(DOT_TY)
-            hi = p.to(DOT_TY)
-            acc = tl.dot(hi, e, acc)
-            acc = tl.dot((p - hi.to(tl.float32)).to(DOT_TY), e, acc)
-        return acc
-
-    @triton.jit
     def _group_shrink_kernel(x_ptr, slot_ptr, a0, a1, a2, m0, m1, m2, r0, r1, r2, h0, h1, h2, H_in, K_PER_SPLIT,
                              stride_xt, stride_as, stride_ar, stride_ht,
                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -172,6 +121,43 @@ if HAS_TRITON:
                           _pick(g, n0, n1, n2), stride_ht, _pick(g, stride_bs0, stride_bs1, stride_bs2), stride_bn,
                           _pick(g, stride_br0, stride_br1, stride_br2), stride_yt, BLOCK_N, BLOCK_R, True, R_FLAT,
                           EARLY_FIRST)
+
+
+    @triton.jit
+    def _group_expand_rows_kernel(slot_ptr, y_ptr, h0, h1, h2, b0, b1, b2, m0, m1, m2, r0, r1, r2, s0, s1, s2,
+                                  n0, n1, n2, c0, c1, c2, nb0, nb1, T, R, stride_ht, stride_bs0, stride_bs1,
+                                  stride_bs2, stride_bn, stride_br0, stride_br1, stride_br2, stride_yt,
+                                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                                  PDL: tl.constexpr = False):
+        """The group expand over BLOCK_T tokens x BLOCK_N outputs per program, the whole pool
+        rank (R <= BLOCK_R) at once: the tokens' B rows are one [BLOCK_T, BLOCK_N, BLOCK_R]
+        load, which waits only for the slots (the slot's rank masks the products); y and h are
+        loaded before the slots are known."""
+        pdl_start(PDL)
+        pid_n = tl.program_id(1)
+        g = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb0 + nb1).to(tl.int32)
+        h_ptr, b_ptr, map_ptr = _pick(g, h0, h1, h2), _pick(g, b0, b1, b2), _pick(g, m0, m1, m2)
+        H_out = _pick(g, n0, n1, n2)
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        n = (pid_n - _pick(g, 0, nb0, nb0 + nb1)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = tl.arange(0, BLOCK_R)
+        t_mask = t < T
+        tn_mask = t_mask[:, None] & (n < H_out)[None, :]
+        y_rows = y_ptr + _pick(g, c0, c1, c2) + t.to(tl.int64)[:, None] * stride_yt + n[None, :]
+        yv = tl.load(y_rows, mask=tn_mask, other=0.0).to(tl.float32)
+        hv = tl.load(h_ptr + t.to(tl.int64)[:, None] * stride_ht + r[None, :],
+                     mask=t_mask[:, None] & (r < R)[None, :], other=0.0)
+        slot = tl.load(map_ptr + tl.load(slot_ptr + t, mask=t_mask, other=-1) + 1, mask=t_mask, other=-1)
+        has = slot >= 0
+        sc = tl.maximum(slot, 0).to(tl.int64)
+        b_rows = b_ptr + sc[:, None, None] * _pick(g, stride_bs0, stride_bs1, stride_bs2) \
+            + n.to(tl.int64)[None, :, None] * stride_bn + r[None, None, :] * _pick(g, stride_br0, stride_br1, stride_br2)
+        bv = tl.load(b_rows, mask=(tn_mask & has[:, None])[:, :, None] & (r < R)[None, None, :], other=0.0)
+        rank = tl.load(_pick(g, r0, r1, r2) + sc, mask=has, other=0)
+        scale = tl.load(_pick(g, s0, s1, s2) + sc, mask=has, other=0.0)
+        prod = tl.where((r[None, :] < rank[:, None])[:, None, :], bv.to(tl.float32) * hv[:, None, :], 0.0)
+        acc = tl.sum(prod, axis=2)  # [BLOCK_T, BLOCK_N]
+        tl.store(y_rows, (yv + scale[:, None] * acc).to(y_ptr.dtype.element_ty), mask=tn_mask & has[:, None])
 
 
 def check_members(x, token_slot, members, y=None) -> None:
@@ -226,40 +212,6 @@ def shrink_plan(x: torch.Tensor, token_slot: torch.Tensor, members: list[GroupMe
     return ShrinkPlan(T, n_rb, split_k, G, args, block_r, block_k, _flat(R, block_r))
 
 
-# A tile's expand (_group_expand_tile) takes pools of rank <= TILE_EXPAND_MAX_RANK, in chunks of
-# (rows x ranks) products per output column that hold about TILE_EXPAND_PER_THREAD float32
-# products per thread (register room beside the tile's accumulator)
-TILE_EXPAND_MAX_RANK = 32
-TILE_EXPAND_PER_THREAD = 32
-
-
-@dataclass
-class ExpandPlan:
-    """The expand of an output tile's rows inside the kernel that computes the tile
-    (`_group_expand_tile`): its arguments after slot_ptr, in order, and its constexprs."""
-    args: tuple
-    consts: dict
-
-
-def tile_expand_plan(members: list[GroupMember], block_m: int, block_n: int, split: int,
-                     num_warps: int) -> ExpandPlan | None:
-    """For tiles [block_n outputs, block_m rows] whose split-K programs each take every
-    split-th row; None where the pool's rank is past TILE_EXPAND_MAX_RANK (the expand launch
-    serves it)."""
-    R = members[0].a.shape[1]
-    rp = max(16, _next_pow2(R))
-    if rp > TILE_EXPAND_MAX_RANK:
-        return None
-    ms = members + [members[0]] * (MAX_MEMBERS - len(members))
-    widths = [m.b.shape[1] for m in members] + [0] * (MAX_MEMBERS - len(members))  # padding members own no column
-    rows = _cdiv(block_m, split)  # rows of one split program
-    jc = max(1, min(rows, TILE_EXPAND_PER_THREAD * 32 * num_warps // block_n // rp))
-    args = (*[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms], *[m.ranks for m in ms],
-            *[m.scaling for m in ms], *[m.col for m in ms], *widths, members[0].h.stride(0),
-            *[m.b.stride(0) for m in ms], members[0].b.stride(1), *[m.b.stride(2) for m in ms], R)
-    return ExpandPlan(args, dict(EX_MEMBERS=len(members), EX_RP=rp, EX_JC=jc, EX_NCH=_cdiv(rows, jc)))
-
-
 def _flat(R: int, block_r: int) -> int:
     """R_FLAT of a pool of rank R whose kernel takes rank blocks of block_r: R, or 0 (rank-bound)."""
     return R if R <= min(block_r, FLAT_MAX_RANK) and lora_early() else 0
@@ -277,12 +229,38 @@ def triton_group_shrink(x: torch.Tensor, token_slot: torch.Tensor, members: list
             num_warps=num_warps, **pdl_kwargs(x))
 
 
+def expand_rows() -> int:
+    """Tokens per program of the group expand (QUIVER_EXPAND_ROWS, read at every launch; 1: one
+    token per program, the rank-bound kernel); pools of rank above EXPAND_ROWS_MAX_RANK take 1."""
+    return int(os.environ.get("QUIVER_EXPAND_ROWS", EXPAND_ROWS))
+
+
+EXPAND_ROWS = 1
+EXPAND_ROWS_MAX_RANK = 64
+EXPAND_ROWS_ELEMENTS = 8192  # B elements per program (BLOCK_T x BLOCK_N x BLOCK_R)
+
+
 def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y: torch.Tensor, *,
                         block_n: int | None = None, block_r: int = BGMV_EXPAND_BLOCK_R,
-                        num_warps: int | None = None) -> None:
-    """y[:, member columns] += scaling * h B^T for every member, in one launch."""
+                        num_warps: int | None = None, rows: int | None = None) -> None:
+    """y[:, member columns] += scaling * h B^T for every member, in one launch. rows: tokens
+    per program (expand_rows()); above 1, `_group_expand_rows_kernel`."""
     ms = members + [members[0]] * (MAX_MEMBERS - len(members))
     T, G, R = y.shape[0], len(members), members[0].a.shape[1]
+    rows = expand_rows() if rows is None else rows
+    if rows > 1 and R <= EXPAND_ROWS_MAX_RANK:
+        br = max(16, _next_pow2(R))
+        bn = block_n or 128
+        bt = max(1, min(rows, _next_pow2(T), EXPAND_ROWS_ELEMENTS // (bn * br)))
+        nbs = [_cdiv(m.b.shape[1], bn) for m in ms]
+        with _device_ctx(y):
+            _group_expand_rows_kernel[(_cdiv(T, bt), sum(nbs[:G]))](
+                token_slot, y, *[m.h for m in ms], *[m.b for m in ms], *[m.slot_map for m in ms],
+                *[m.ranks for m in ms], *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms],
+                nbs[0], nbs[1], T, R, members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1),
+                *[m.b.stride(2) for m in ms], y.stride(0),
+                BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, num_warps=num_warps or 4, **pdl_kwargs(y))
+        return
     tile_n, tile_warps = bgmv_expand_tile(R)
     block_n, num_warps = block_n or tile_n, num_warps or tile_warps
     nbs = [_cdiv(m.b.shape[1], block_n) for m in ms]

@@ -45,7 +45,7 @@ import torch
 
 from .lora import HAS_TRITON, _device_ctx, tl, triton, use_triton
 from .nf4 import NF4_CODE, NF4Weight, _interpreting, _num_sms
-from .lora_group import check_members, group_shrink, lora_group, shrink_plan, tile_expand_plan, triton_group_expand
+from .lora_group import check_members, group_shrink, shrink_plan
 from .pdl import pdl_kwargs, pdl_start, prefetch_enabled, prefetch_l2
 
 __all__ = ["WORD_K", "words_from_nf4", "dequantize_words", "triton_nf4_words_linear", "triton_words_dequantize",
@@ -96,13 +96,6 @@ DEQUANT_BLOCK_N = 64
 BASE_SHRINK_TARGET = 264
 BASE_SHRINK_BLOCK_K = 256
 PREFETCH_GROUPS = 4  # word groups per program prefetched into L2 under PDL (4 x 16 rows)
-# With shrink and expand, the tensor-core path's tiles add the LoRA deltas themselves (one launch
-# per LoRA projection, not two); False: the group's expand launch follows the kernel
-TILE_EXPAND = True
-SYNC_SLOTS = 4  # the tile expand's launch counters, at the end of the split-K lock buffer
-# Probes only (docs/results/h200/expand_probe.py): 0 the tile expand; 1 without its products;
-# 2 without the wait for the shrinks either; 3 products without tickets or wait (h not ready: wrong y)
-EXPAND_MODE = 0
 
 
 def words_from_nf4(w: NF4Weight) -> torch.Tensor:
@@ -167,7 +160,7 @@ def _prmt_asm(dtype: torch.dtype) -> str:
 
 
 if HAS_TRITON:
-    from .lora_group import _group_expand_tile, _group_shrink_program
+    from .lora_group import _group_shrink_program
 
     @triton.jit
     def _nibble_codes(w, code_ptr, asm: tl.constexpr, ty: tl.constexpr, USE_ASM: tl.constexpr):
@@ -202,11 +195,11 @@ if HAS_TRITON:
                        other=0.0).to(ty)
 
     @triton.jit
-    def _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, M, N, groups_per_split, G,
+    def _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, groups_per_split, G,
                     stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm: tl.constexpr,
-                    DOT_TY: tl.constexpr, USE_ASM: tl.constexpr,
+                    DOT_TY: tl.constexpr, USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
-        """One output tile acc [BLOCK_N, BLOCK_M] (transposed) over split pid_s of the word groups."""
+        """One output tile [BLOCK_N, BLOCK_M] over split pid_s of the word groups."""
         g_begin = pid_s * groups_per_split
         g_end = tl.minimum(G, g_begin + groups_per_split)
         if PDL and PREFETCH > 0 and BLOCK_N >= 32:
@@ -246,7 +239,8 @@ if HAS_TRITON:
             p = tl.dot(c6, _xt_slice(x_cols, kb, 6, offs_r, m_mask, stride_xk, DOT_TY), p)
             p = tl.dot(c7, _xt_slice(x_cols, kb, 7, offs_r, m_mask, stride_xk, DOT_TY), p)
             acc += p * am1[:, None]
-        return acc
+        _tile_store(acc, offs_n, offs_m, n_mask, m_mask, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, pid_n, pid_m, pid_s,
+                    HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _words_gemv_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, groups_per_split,
@@ -336,11 +330,6 @@ if HAS_TRITON:
         sh_T,
         sh_n_rb,
         sh_programs,
-        # LoRA expands added to the tiles (kernels/lora_group.py _group_expand_tile); dummies
-        # when EXPAND is False
-        ex_h0, ex_h1, ex_h2, ex_b0, ex_b1, ex_b2, ex_m0, ex_m1, ex_m2, ex_r0, ex_r1, ex_r2, ex_s0, ex_s1, ex_s2,
-        ex_c0, ex_c1, ex_c2, ex_w0, ex_w1, ex_w2, ex_stride_ht, ex_sbs0, ex_sbs1, ex_sbs2, ex_sbn, ex_sbr0, ex_sbr1,
-        ex_sbr2, ex_R,
         asm: tl.constexpr,
         DOT_TY: tl.constexpr,
         USE_ASM: tl.constexpr,
@@ -356,70 +345,11 @@ if HAS_TRITON:
         SH_SPLIT_K: tl.constexpr = 1,
         SH_R_FLAT: tl.constexpr = 0,
         GEMV: tl.constexpr = False,  # one batch row per program on the CUDA cores (_words_gemv_tile)
-        EXPAND: tl.constexpr = False,  # with SHRINK: the tiles also add the LoRA deltas (tensor-core path)
-        EX_MEMBERS: tl.constexpr = 1,
-        EX_RP: tl.constexpr = 16,
-        EX_JC: tl.constexpr = 1,
-        EX_NCH: tl.constexpr = 1,
-        SYNC_AT: tl.constexpr = 0,  # first of the 3 launch counters in lock_ptr (EXPAND)
-        EX_MODE: tl.constexpr = 0,  # EXPAND_MODE (probes only)
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_s = tl.program_id(2)
-        if EXPAND:
-            # the tiles add their rows' LoRA deltas, whose h the shrink programs of this launch
-            # fill: programs take tickets in the order they start, the shrinks the first ones, so
-            # a tile that waits for them waits only on programs already running
-            pdl_start(PDL)
-            sync = lock_ptr + SYNC_AT  # [ticket, shrinks done, programs done], zero between launches
-            n0 = tl.num_programs(0)
-            tiles = n0 * tl.num_programs(1)
-            n_sh = tiles * (tl.num_programs(2) - SPLIT_K)
-            if EX_MODE == 3:  # (probe) roles by program id, the shrinks after the tiles, no ticket
-                lin = (pid_s * tl.num_programs(1) + pid_m) * n0 + pid_n
-                ticket = tl.where(lin >= tiles * SPLIT_K, lin - tiles * SPLIT_K, lin + n_sh)
-            else:
-                ticket = tl.atomic_add(sync, 1)
-            if ticket < n_sh:
-                if ticket < sh_programs:
-                    rest = ticket // sh_T
-                    _group_shrink_program(x_ptr, slot_ptr, sa0, sa1, sa2, sm0, sm1, sm2, sr0, sr1, sr2, sh0, sh1, sh2,
-                                          ticket % sh_T, rest % sh_n_rb, rest // sh_n_rb, sh_K, sh_k_per_split,
-                                          sh_stride_xt, sh_stride_as, sh_stride_ar, sh_stride_ht, SH_BLOCK_R,
-                                          SH_BLOCK_K, SH_SPLIT_K, SH_R_FLAT)
-                    tl.debug_barrier()
-                    tl.atomic_add(sync + 1, 1, sem="release")
-            else:
-                t = ticket - n_sh
-                pid_n = t % n0
-                pid_m = (t // n0) % tl.num_programs(1)
-                pid_s = t // tiles
-                acc = _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, M, N, groups_per_split, G, stride_xm,
-                                  stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm, DOT_TY, USE_ASM, BLOCK_M,
-                                  BLOCK_N, False, 0)
-                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-                if EX_MODE < 2:
-                    done = tl.atomic_add(sync + 1, 0, sem="acquire")
-                    while done < sh_programs:
-                        done = tl.atomic_add(sync + 1, 0, sem="acquire")
-                # split pid_s adds the deltas of rows pid_s, pid_s + SPLIT_K, ... of the tile
-                if EX_MODE != 1 and EX_MODE != 2:
-                    acc = _group_expand_tile(acc, offs_n, offs_n < N, offs_m, pid_m * BLOCK_M + pid_s, SPLIT_K,
-                                             tl.minimum(pid_m * BLOCK_M + BLOCK_M, M), slot_ptr, ex_h0, ex_h1, ex_h2,
-                                             ex_b0, ex_b1, ex_b2, ex_m0, ex_m1, ex_m2, ex_r0, ex_r1, ex_r2, ex_s0,
-                                             ex_s1, ex_s2, ex_c0, ex_c1, ex_c2, ex_w0, ex_w1, ex_w2, ex_stride_ht,
-                                             ex_sbs0, ex_sbs1, ex_sbs2, ex_sbn, ex_sbr0, ex_sbr1, ex_sbr2, ex_R,
-                                             BLOCK_N, EX_MEMBERS, EX_RP, EX_JC, EX_NCH, DOT_TY)
-                _tile_store(acc, offs_n, offs_m, offs_n < N, offs_m < M, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
-                            pid_n, pid_m, pid_s, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
-            tl.debug_barrier()
-            if tl.atomic_add(sync + 2, 1) == tiles * tl.num_programs(2) - 1:  # the last program re-arms
-                tl.atomic_xchg(sync, 0)
-                tl.atomic_xchg(sync + 1, 0)
-                tl.atomic_xchg(sync + 2, 0)
-        elif SHRINK and pid_s >= SPLIT_K:
+        if SHRINK and pid_s >= SPLIT_K:
             # a LoRA shrink program: it reads the same x as the tiles and shares their launch
             idx = ((pid_s - SPLIT_K) * tl.num_programs(1) + pid_m) * tl.num_programs(0) + pid_n
             if idx < sh_programs:
@@ -434,13 +364,9 @@ if HAS_TRITON:
                              groups_per_split, G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm,
                              DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_N, PDL)
         else:
-            acc = _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, M, N, groups_per_split, G, stride_xm, stride_xk,
-                              stride_w, stride_am, pid_n, pid_m, pid_s, asm, DOT_TY, USE_ASM, BLOCK_M, BLOCK_N, PDL,
-                              PREFETCH)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            _tile_store(acc, offs_n, offs_m, offs_n < N, offs_m < M, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N, pid_n,
-                        pid_m, pid_s, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+            _words_tile(x_ptr, w_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, ws_ptr, lock_ptr, M, N,
+                        groups_per_split, G, stride_xm, stride_xk, stride_w, stride_am, pid_n, pid_m, pid_s, asm,
+                        DOT_TY, USE_ASM, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, PDL, PREFETCH)
 
     @triton.jit
     def _words_dequant_kernel(w_ptr, absmax_ptr, code_ptr, out_ptr, N, K, stride_w, stride_am,
@@ -504,18 +430,14 @@ Shrink = tuple  # (token_slot [M] int32, [GroupMember]): LoRA shrinks of the sam
 
 def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
                             bias: torch.Tensor | None = None, shrink: Shrink | None = None,
-                            expand: bool = False, **overrides) -> torch.Tensor:
+                            **overrides) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x [..., K] (float16 | bfloat16 on CUDA; any float under the
     interpreter), W in the word layout (words and absmax may be column slices: row strides are
     taken). Split-K partials are summed by the last split of each tile, in one launch.
 
     shrink = (token_slot, members): the same launch also runs the members' LoRA shrinks
     (m.h (+)= x A^T, as lora_group's shrink launch would) in extra programs after the output
-    tiles: they fill the SMs the tiles leave idle, and their launch is saved.
-    expand (with shrink): y also gets the members' LoRA deltas (lora_group with the same
-    members). On the tensor-core path the tiles add them before their store, in the same launch
-    (TILE_EXPAND; the shrink programs then take the first program tickets); otherwise, and
-    for pools above lora_group.TILE_EXPAND_MAX_RANK, the group's expand launch follows."""
+    tiles: they fill the SMs the tiles leave idle, and their launch is saved."""
     from .nf4 import LOCKS_SIZE, _tile_locks
 
     _check_words(words, absmax)
@@ -548,33 +470,21 @@ def triton_nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.
     bias_arg = bias.contiguous() if has_bias else absmax
     launch = {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}  # a register cap (bench_nf4 sweeps)
     sh_args, sh_const = (absmax,) * 13 + (0,) * 9, {}
-    ex_args = (absmax,) * 15 + (0,) * 15
-    expand_after = False
     if shrink is not None:
         token_slot, members = shrink
-        check_members(x2, token_slot, members, out if expand else None)  # before the launch: the programs trust the layout
+        check_members(x2, token_slot, members)  # before the launch: the programs trust the layout
         plan = shrink_plan(x2, token_slot, members, target=BASE_SHRINK_TARGET, block_k=BASE_SHRINK_BLOCK_K)
         grid = (grid[0], grid[1], S + -(-plan.programs // (grid[0] * grid[1])))
         sh_args = plan.args[1:] + (plan.T, plan.n_rb, plan.programs)
         sh_const = dict(SHRINK=True, SH_BLOCK_R=plan.block_r, SH_BLOCK_K=plan.block_k, SH_SPLIT_K=plan.split_k,
                         SH_R_FLAT=plan.r_flat)
-        ex_plan = None
-        if expand and TILE_EXPAND and not gemv and grid[0] * grid[1] <= LOCKS_SIZE - SYNC_SLOTS:
-            ex_plan = tile_expand_plan(members, bm, bn, S, int(cfg["num_warps"]))
-        if ex_plan is not None:
-            locks = _tile_locks(x.device)
-            ex_args = ex_plan.args
-            sh_const.update(EXPAND=True, SYNC_AT=LOCKS_SIZE - SYNC_SLOTS, EX_MODE=EXPAND_MODE, **ex_plan.consts)
-        expand_after = expand and ex_plan is None
     with _device_ctx(x):
         _nf4_words_kernel[grid](
             x2, words, absmax, _code_table(dot_dtype, x.device), bias_arg, out, ws, locks, M, N, gps, G,
-            x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0), *sh_args, *ex_args,
+            x2.stride(0), x2.stride(1), words.stride(0), absmax.stride(0), *sh_args,
             asm=_prmt_asm(x.dtype) if use_asm else "", DOT_TY=ty, USE_ASM=use_asm,
             HAS_BIAS=has_bias, SPLIT_K=S, BLOCK_M=bm, BLOCK_N=bn, GEMV=gemv,
             num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **launch, **sh_const, **_pdl_args(x))
-    if expand_after:
-        triton_group_expand(token_slot, members, out)
     return out.reshape(*lead, N)
 
 
@@ -612,21 +522,18 @@ def reference_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.T
 
 
 def nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
-                     bias: torch.Tensor | None = None, shrink: Shrink | None = None,
-                     expand: bool = False) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, shrink: Shrink | None = None) -> torch.Tensor:
     """Dispatch: decode batches (M <= WORDS_MAX_M; M <= NARROW_MAX_M for outputs narrower than
     WIDE_N) run the word kernel; larger M (prefill) dequantize W with a Triton kernel and leave
     the GEMM to cuBLAS, over rows padded to a multiple of PREFILL_M_BUCKET; the reference off CUDA.
     shrink (token_slot, members): the members' LoRA shrinks of x, in the word kernel's launch
-    where it runs, else in their own (lora_group.group_shrink). expand (with shrink): y also
-    gets the members' LoRA deltas (in the word kernel's launch where it can, else lora_group's
-    expand after)."""
+    where it runs, else in their own (lora_group.group_shrink)."""
     M = x.numel() // x.shape[-1]
     x2 = x.reshape(-1, x.shape[-1])
     words_kernel = M <= WORDS_MAX_M and (M <= NARROW_MAX_M or words.shape[1] >= WIDE_N)
     if use_triton(x) and words_kernel and (x.dtype != torch.float32 or _interpreting()):
         if shrink is None or x2.stride(1) == 1:
-            return triton_nf4_words_linear(x, words, absmax, bias, shrink=shrink, expand=expand)
+            return triton_nf4_words_linear(x, words, absmax, bias, shrink=shrink)
         y = triton_nf4_words_linear(x, words, absmax, bias)
     elif not use_triton(x):
         y = reference_words_linear(x, words, absmax, bias)
@@ -638,6 +545,4 @@ def nf4_words_linear(x: torch.Tensor, words: torch.Tensor, absmax: torch.Tensor,
         y = y[:M].reshape(*x.shape[:-1], W.shape[0])
     if shrink is not None:
         group_shrink(x2, *shrink)
-        if expand:
-            lora_group(x2, *shrink, y.view(-1, y.shape[-1]), shrunk=True)
     return y

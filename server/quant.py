@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quiver.kernels.lora_group import group_shrink, lora_group
+from quiver.kernels.lora_group import group_shrink
 from quiver.kernels.nf4 import NF4Weight, nf4_linear, nf4_weight_from_bnb
 from quiver.kernels.nf4_words import WORD_K, dequantize_words, nf4_words_linear, words_from_nf4
 
@@ -76,16 +76,12 @@ class NF4Linear(nn.Module):
 
     takes_shrink = True  # forward(x, shrink=...) also runs LoRA shrinks of x (adapters/batch.py)
 
-    def forward(self, x: torch.Tensor, shrink: tuple | None = None, expand: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shrink: tuple | None = None) -> torch.Tensor:
         """shrink (token_slot, [GroupMember]): the LoRA shrinks of x (kernels/lora_group.py),
-        in the word kernel's own launch where it runs; expand: y also gets their deltas (the
-        word kernel's tiles add them where they can)."""
+        in the word kernel's own launch where it runs."""
         if self.words is not None:
-            return nf4_words_linear(x, self.words, self.absmax, self.bias, shrink=shrink, expand=expand)
+            return nf4_words_linear(x, self.words, self.absmax, self.bias, shrink=shrink)
         y = nf4_linear(x, self.w, self.bias)
         if shrink is not None:
-            x2 = x.reshape(-1, x.shape[-1])
-            group_shrink(x2, *shrink)
-            if expand:
-                lora_group(x2, *shrink, y.view(-1, y.shape[-1]), shrunk=True)
+            group_shrink(x.reshape(-1, x.shape[-1]), *shrink)
         return y

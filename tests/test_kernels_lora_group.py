@@ -49,16 +49,21 @@ def naive(x, token_slot, ms, y):
     ((24, 16, 16), 8, "1", 0), ((33, 17), 8, "1", 0), ((8,), 8, "1", 0), ((24, 16, 16), 40, "1", 0),
     ((24, 16, 16), 40, "0", 0), ((33, 17), 64, "1", 0), ((24, 16), 16, "1", 64), ((33, 17), 32, "0", 64),
     ((24, 16), 16, "1", 16)])
-@pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_lora_group(widths, R, early, pool, impl, monkeypatch):
+@pytest.mark.parametrize("impl,rows", [("reference", "1"), ("triton", "1"), ("triton", "4")])
+def test_lora_group(widths, R, early, pool, impl, rows, monkeypatch):
     """R 8: the loads that wait only for the slot (R_FLAT); R 40 and 64: several rank blocks,
     the expand's first one loaded early (EARLY_FIRST) and the rest rank-bound, or (early "0")
     every loop rank-bound. Slot ranks span one to three blocks. pool 64: the stacks are rank-R
     views of a rank-64 pool (the adapter pool's rank bound), NaN past R; pool 16: the whole
-    rank of a rank-16 pool. With a pool, B is stored rank-major as the adapter pool stores it."""
+    rank of a rank-16 pool. With a pool, B is stored rank-major as the adapter pool stores it.
+    rows 4: the expand over 4 tokens per program, the pool rank at once (1 token at R 40, 64)."""
     if impl == "triton" and not _OK:
         pytest.skip(_WHY)
     monkeypatch.setenv("QUIVER_LORA_EARLY", early)
+    monkeypatch.setenv("QUIVER_EXPAND_ROWS", rows)
+    launched = []
+    real = LG._group_expand_rows_kernel
+    monkeypatch.setattr(LG, "_group_expand_rows_kernel", _Spy(real, launched))
     T = 6
     token_slot = torch.tensor([0, -1, 3, 2, 1, 3], dtype=torch.int32, device=DEV)
     ms, width = members(widths, T, R=R, pool=pool)
@@ -74,6 +79,20 @@ def test_lora_group(widths, R, early, pool, impl, monkeypatch):
         gap = slice(m.col + m.b.shape[1], m.col + m.b.shape[1] + 3)
         assert torch.equal(y[:, gap], y0[:, gap]), "columns outside the members changed"
     assert not torch.equal(y, y0)
+    assert len(launched) == (impl == "triton" and rows != "1"), "the rows kernel ran" if launched else "it did not"
+
+
+class _Spy:
+    """kernel[grid](...) that records the launch and runs the kernel."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append((grid, kw.get("BLOCK_T")))
+            return self.kernel[grid](*args, **kw)
+        return launch
 
 
 @pytest.mark.gpu  # also runs on CPU under the interpreter
