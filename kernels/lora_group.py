@@ -238,6 +238,7 @@ def expand_rows() -> int:
 EXPAND_ROWS = 1
 EXPAND_ROWS_MAX_RANK = 64
 EXPAND_ROWS_ELEMENTS = 8192  # B elements per program (BLOCK_T x BLOCK_N x BLOCK_R)
+EXPAND_ROWS_WARPS = 2
 
 
 def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y: torch.Tensor, *,
@@ -259,7 +260,7 @@ def triton_group_expand(token_slot: torch.Tensor, members: list[GroupMember], y:
                 *[m.ranks for m in ms], *[m.scaling for m in ms], *[m.b.shape[1] for m in ms], *[m.col for m in ms],
                 nbs[0], nbs[1], T, R, members[0].h.stride(0), *[m.b.stride(0) for m in ms], members[0].b.stride(1),
                 *[m.b.stride(2) for m in ms], y.stride(0),
-                BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, num_warps=num_warps or 4, **pdl_kwargs(y))
+                BLOCK_T=bt, BLOCK_N=bn, BLOCK_R=br, num_warps=num_warps or EXPAND_ROWS_WARPS, **pdl_kwargs(y))
         return
     tile_n, tile_warps = bgmv_expand_tile(R)
     block_n, num_warps = block_n or tile_n, num_warps or tile_warps

@@ -10,7 +10,7 @@ once, as a step does); µs per layer, the median of `--reps` replays, variants a
   shrink     + the LoRA shrinks in the word kernel's launch, no expand
   rows=1     + the group expand, one token per program (lora_group.EXPAND_ROWS 1)
   rows=K     + the group expand over K tokens per program (_group_expand_rows_kernel)
-  rows=K/wW  the same with W warps
+  rows=K/wW/nN  the same with W warps (default lora_group.EXPAND_ROWS_WARPS), N outputs per program
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--batch", default="32")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--variants", default="none,shrink,rows=1,rows=2,rows=4,rows=8,rows=4/w2,rows=8/w8")
+    ap.add_argument("--variants", default="none,shrink,rows=1,rows=2,rows=4,rows=8,rows=4/w4,rows=8/w8")
     args = ap.parse_args()
     dev, H, S, R = torch.device("cuda"), 4096, 32, 16
     torch.manual_seed(0)
@@ -69,8 +69,10 @@ def main() -> None:
                         continue
                     y = W.triton_nf4_words_linear(x, w, a, shrink=(ts, group))
                     if variant.startswith("rows="):
-                        rows, _, warps = variant[5:].partition("/w")
-                        LG.triton_group_expand(ts, group, y, rows=int(rows), num_warps=int(warps) if warps else None)
+                        rows, *opts = variant[5:].split("/")
+                        opt = {o[0]: int(o[1:]) for o in opts}
+                        LG.triton_group_expand(ts, group, y, rows=int(rows), num_warps=opt.get("w"),
+                                               block_n=opt.get("n"))
                     ys.append(y)
             return ys
 
