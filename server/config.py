@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("nf4", "int8", "none")
+DEFAULT_METRICS_PORT = 9095  # not Prometheus' own 9090, nor node_exporter's 9100 or DCGM's 9400
 DTYPE_CHOICES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -86,8 +87,13 @@ class ServerConfig:
     adapter_slots: int = 16  # adapters resident on the accelerator at once
     max_rank: int = 64  # largest LoRA / bottleneck rank accepted
     pinned_mib: int = 1024  # page-locked memory pinned at start for staged adapters (CUDA)
+    # Prometheus /metrics over HTTP on host: None = no metrics at all, 0 = any free port
+    # (Server.metrics_port says which). `quiver serve` defaults to DEFAULT_METRICS_PORT.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not (0 <= self.metrics_port < 65536):
+            raise ValueError(f"metrics port out of range: {self.metrics_port}")
         if self.adapter_slots <= 0 or self.max_rank <= 0:
             raise ValueError("adapter_slots and max_rank must be positive")
         if self.pinned_mib < 0:

@@ -3,7 +3,8 @@
 Every failure becomes a gRPC status with a message, never a crash or a hang:
 INVALID_ARGUMENT (bad request), NOT_FOUND (unknown adapter), RESOURCE_EXHAUSTED (does not fit),
 UNAVAILABLE (shutting down), INTERNAL (a failed engine step), UNIMPLEMENTED (not built yet).
-A client that goes away cancels its request in the engine.
+A client that goes away cancels its request in the engine. With metrics, a request refused
+here is counted here; one the engine took is counted when the engine finishes it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import grpc
 
 from quiver.adapters.files import AdapterError
 from quiver.server.engine.engine import Engine, Event
+from quiver.server.metrics import BASE_LABEL, MIX_LABEL, UNKNOWN_LABEL, adapter_label
 from quiver.server.pb import quiver_pb2 as pb
 from quiver.server.pb import quiver_pb2_grpc as pb_grpc
 from quiver.server.requests import GenerateInput, InvalidRequest, encode_prompt
@@ -30,28 +32,40 @@ class AdapterNotFound(KeyError):
 
 
 class QuiverService(pb_grpc.QuiverServicer):
-    def __init__(self, engine: Engine | None, adapters=None):
+    def __init__(self, engine: Engine | None, adapters=None, metrics=None):
         self.engine = engine
         self.adapters = adapters  # quiver.adapters store, or None: every adapter id is unknown
+        self.metrics = metrics  # quiver.server.metrics.Metrics, or None
 
     # ---- helpers ----
     def _start(self, request, context):
         """Validates and submits; aborts the RPC with the right status on bad input."""
+        # the metrics' adapter label: a client's id becomes a label only once it named an adapter on disk
+        mix = len(request.adapter_mix) > 0
+        label = MIX_LABEL if mix else UNKNOWN_LABEL if request.adapter_id else BASE_LABEL
         if self.engine is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
+            self._abort(context, grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING",
+                        label)
         try:
             inp = GenerateInput.from_proto(request, self.engine.cfg.default_max_new_tokens)
             adapter = self._resolve(inp)
+            label = adapter_label(adapter)
             prompt_ids = encode_prompt(self.engine.tokenizer, inp)
             handle = self.engine.submit(prompt_ids, inp.params, adapter=adapter)
         except (InvalidRequest, ValueError) as exc:
-            if isinstance(exc, AdapterError):
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"adapter cannot be served: {exc}")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if isinstance(exc, AdapterError):  # the folder exists (or every part of the mix does)
+                self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"adapter cannot be served: {exc}",
+                            MIX_LABEL if mix else request.adapter_id)
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), label)
         except AdapterNotFound as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, exc.args[0])
+            self._abort(context, grpc.StatusCode.NOT_FOUND, exc.args[0], label)
         context.add_callback(handle.cancel)
         return handle
+
+    def _abort(self, context, code: grpc.StatusCode, message: str, label: str):
+        if self.metrics is not None:
+            self.metrics.request_rejected(label, code.name)
+        context.abort(code, message)
 
     def _resolve(self, inp: GenerateInput):
         if not inp.adapter_id and not inp.adapter_mix:

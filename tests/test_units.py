@@ -97,6 +97,7 @@ def test_preemption_when_blocks_run_out():
     fake_step(sched, sched.schedule())  # a takes the free block; b still fits in its own? no: needs a 2nd
     assert b.status is Status.WAITING and b.num_computed == 0 and b.block_table == []
     assert sched.waiting[0] is b and a.status is Status.RUNNING
+    assert sched.preemptions == 1  # the metrics' quiver_engine_preemptions_total
 
 
 def test_a_sequence_alone_that_outgrows_the_cache_is_refused_not_preempted_forever():
@@ -110,6 +111,7 @@ def test_a_sequence_alone_that_outgrows_the_cache_is_refused_not_preempted_forev
             break
     assert sched.refused == [a] and a not in sched.running and a.num_tokens == 9  # grew to 8 cached + 1 sampled
     assert sched.blocks.num_free == sched.blocks.num_blocks and not sched.has_work()
+    assert sched.preemptions == 0  # refused, not preempted
 
 
 def test_finish_frees_blocks():

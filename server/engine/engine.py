@@ -160,6 +160,7 @@ class Engine:
         overlap = self.cfg.overlap
         self.overlap = loaded.device.type == "cuda" if overlap is None else overlap
         self.steps = 0
+        self.metrics = None  # server/metrics.py Metrics, or None; the server sets it after the warm-up
 
     # ---- caller side (any thread) ----
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter=None, tenant: str = "") -> RequestHandle:
@@ -285,7 +286,10 @@ class Engine:
             try:
                 self._take(inbox)
                 if self.scheduler.has_work():
+                    metrics, steps, t0 = self.metrics, self.steps, time.perf_counter()
                     self.step()
+                    if metrics is not None and self.steps != steps:  # a forward pass ran
+                        metrics.step_time(time.perf_counter() - t0)
             except Exception as exc:  # never let the engine thread die with requests waiting on it
                 log.exception("engine loop failed; failing the requests in flight")
                 self._fail_all(exc)
@@ -347,6 +351,8 @@ class Engine:
             if not scheduled:
                 return
         self.steps += 1
+        if self.metrics is not None:
+            self.metrics.step(scheduled)
         feed = self._launched.tokens if self._launched is not None else None
         try:
             logits = self.runner.run(scheduled, feed)
@@ -410,6 +416,8 @@ class Engine:
             seq.output_ids.pop()  # a token computed past the stop: dropped
         if self.adapters is not None:
             self.adapters.release(seq)
+        if self.metrics is not None:  # before the last event: a caller that has its answer sees it counted
+            self.metrics.request_finished(seq, reason, kind if error else None)
         del self._handles[seq.request_id], self._detok[seq.request_id], self._gens[seq.request_id]
         handle.events.put(Event(finish_reason=reason, error=error, error_kind=kind if error else None, prompt_tokens=len(seq.prompt_ids) - seq.virtual_tokens,
                                 completion_tokens=len(seq.output_ids)))

@@ -36,6 +36,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.refused: list[Sequence] = []  # outgrew the whole cache; the engine fails them
+        self.preemptions = 0  # sequences preempted so far (read by server/metrics.py)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -50,6 +51,7 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
+        self.preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Removes seq from either queue and frees its blocks."""
